@@ -1,0 +1,86 @@
+"""Torch custom ops: the layer between kernels and modules.
+
+``torch.ops.tacq_kernels.quant_linear(x, tensors, spec_ints)`` computes
+``y = x @ (dequant(D) + S)^T + bias`` for one format-v1 layer:
+
+* ``x``: fp16, bf16 or fp32 [M, K], contiguous in K.
+* ``tensors``: the layer's tensors in the canonical order of :meth:`LayerSpec.tensor_specs`
+  (``perm`` int32 [K] if present; per segment its planes int32 [K_pad*w/32, N] and either
+  ``scale``/``zero`` fp16 [n_groups, N] or ``lut`` fp16 [k, 2^b]; ``sparse_row_ptr`` int32
+  [N+1]; ``sparse_col`` int16/int32 [nnz]; ``sparse_val`` fp16 [nnz]; ``bias`` fp16 [N] if present).
+* ``spec_ints``: the layer spec flattened by :func:`spec_to_ints`.
+* returns: [M, N] in the dtype of ``x``.
+
+The op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it.
+Devices without a kernel run the pure-PyTorch reference (:mod:`tacq_kernels.reference`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .format import DECODERS, LayerSpec, PackedLayer, SegmentSpec
+
+_HEADER = 6  # in_features, out_features, has_perm, has_bias, nnz, n_segments
+_PER_SEGMENT = 5  # start, end, bits, decoder id, group size (0 for lut)
+
+
+def spec_to_ints(spec: LayerSpec) -> list[int]:
+    """Flatten a :class:`LayerSpec` into the ``int[]`` argument of the ops."""
+    out = [spec.in_features, spec.out_features, int(spec.has_perm), int(spec.has_bias), spec.nnz, len(spec.segments)]
+    for s in spec.segments:
+        out += [s.start, s.end, s.bits, DECODERS.index(s.decoder), s.group_size or 0]
+    return out
+
+
+def spec_from_ints(ints: list[int], col_dtype: torch.dtype) -> LayerSpec:
+    k, n, has_perm, has_bias, nnz, nseg = ints[:_HEADER]
+    segs = []
+    for i in range(nseg):
+        start, end, bits, dec, group = ints[_HEADER + _PER_SEGMENT * i : _HEADER + _PER_SEGMENT * (i + 1)]
+        segs.append(SegmentSpec(start, end, bits, DECODERS[dec], group if DECODERS[dec] == "affine" else None))
+    return LayerSpec(
+        in_features=k,
+        out_features=n,
+        segments=tuple(segs),
+        has_perm=bool(has_perm),
+        has_bias=bool(has_bias),
+        nnz=nnz,
+        col_dtype="int16" if col_dtype == torch.int16 else "int32",
+    )
+
+
+def layer_from_op_args(tensors: list[torch.Tensor], spec_ints: list[int]) -> PackedLayer:
+    """Rebuild a (trusted, unvalidated) :class:`PackedLayer` view from the op arguments."""
+    nseg = spec_ints[5]
+    # The canonical order ends with sparse_col, sparse_val[, bias].
+    col = tensors[-3] if spec_ints[3] else tensors[-2]
+    spec = spec_from_ints(spec_ints, col.dtype)
+    names = list(spec.tensor_specs())
+    if len(names) != len(tensors):
+        raise ValueError(f"quant_linear: expected {len(names)} tensors for a {nseg}-segment layer, got {len(tensors)}")
+    return PackedLayer(spec, dict(zip(names, tensors)), check=False)
+
+
+def _check_input(x: torch.Tensor, spec_ints: list[int]) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"quant_linear: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.shape[1] != spec_ints[0]:
+        raise ValueError(f"quant_linear: x has K={x.shape[1]}, the layer has in_features={spec_ints[0]}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"quant_linear: x must be fp16, bf16 or fp32, got {x.dtype}")
+
+
+@torch.library.custom_op("tacq_kernels::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: list[int]) -> torch.Tensor:
+    """y = x @ (dequant(D) + S)^T + bias; see the module docstring for every argument."""
+    _check_input(x, spec_ints)
+    layer = layer_from_op_args(tensors, spec_ints)
+    return reference.linear(x, layer)
+
+
+@quant_linear.register_fake
+def _quant_linear_fake(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: list[int]) -> torch.Tensor:
+    _check_input(x, spec_ints)
+    return x.new_empty((x.shape[0], spec_ints[1]))
