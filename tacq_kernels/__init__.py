@@ -20,7 +20,11 @@ from .format import (
     save_layers,
     validate_layer,
 )
+from .hf import load, quantized_layers, register_with_transformers, replace_linear
 from .module import QuantLinear
+
+# `import tacq_kernels` is what makes AutoModelForCausalLM.from_pretrained understand our checkpoints.
+register_with_transformers()
 
 __version__ = "0.1.0"
 
@@ -34,9 +38,13 @@ __all__ = [
     "SegmentData",
     "SegmentSpec",
     "build_layer",
+    "load",
     "load_layers",
     "make_quantization_config",
     "parse_quantization_config",
+    "quantized_layers",
+    "register_with_transformers",
+    "replace_linear",
     "save_layers",
     "validate_layer",
 ]

@@ -1,0 +1,55 @@
+"""Writing a quantized model as a tacq-kernels checkpoint directory (format v1, docs/format.md)."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+
+from tacq_kernels import PackedLayer, replace_linear
+from tacq_kernels.hf import quantization_config_for
+
+CARD = """# {name}
+
+Quantized with tacq-kernels ({method}). Load it with:
+
+```python
+import tacq_kernels  # registers the "tacq_kernels" checkpoint format with transformers
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("{path}")
+```
+
+Without `import tacq_kernels`, transformers does not know the format: it warns
+"Unknown quantization type, got tacq_kernels" and the quantized layers are NOT loaded.
+"""
+
+
+def save_quantized(
+    model: torch.nn.Module,
+    layers: Mapping[str, PackedLayer],
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    method: str = "tacq",
+    method_args: Mapping | None = None,
+    dtype: torch.dtype | None = torch.float16,
+) -> str:
+    """Swap the model's linears for the packed layers (in place) and save it as a checkpoint.
+
+    Unquantized tensors (embeddings, norms, lm_head) are cast to ``dtype`` (None keeps them);
+    the packed tensors keep their format dtypes. Writes config.json (with the
+    ``quantization_config`` block), model.safetensors, the tokenizer and a short README.
+    Returns the directory.
+    """
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    replace_linear(model, layers)
+    if dtype is not None:
+        model.to(dtype)  # QuantLinear keeps its buffers' dtypes
+    model.config.quantization_config = quantization_config_for(layers, method, method_args)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write(CARD.format(name=os.path.basename(os.path.abspath(out_dir)), method=method, path=out_dir))
+    return out_dir
