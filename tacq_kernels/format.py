@@ -486,10 +486,26 @@ def split_layer_state_dict(
     return layers, rest
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file, or of a sharded checkpoint directory.
+def safetensors_files(directory: str | os.PathLike) -> list[str]:
+    """The safetensors files of a checkpoint directory (``model.safetensors`` or its shards)."""
+    directory = os.fspath(directory)
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"cannot read shard index {index}: {e}") from e
+        return [os.path.join(directory, name) for name in files]
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
 
-    A directory is read through ``model.safetensors`` or ``model.safetensors.index.json``.
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read every tensor of a safetensors file, or of a (possibly sharded) checkpoint directory.
+
     Unreadable or truncated files raise :class:`CheckpointError` naming the file.
     """
     from safetensors import SafetensorError
@@ -497,21 +513,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = os.fspath(path)
     if os.path.isdir(path):
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as e:
-                raise CheckpointError(f"cannot read shard index {index}: {e}") from e
-            out = {}
-            for fname in files:
-                out.update(read_safetensors(os.path.join(path, fname)))
-            return out
-        if os.path.exists(single):
-            return read_safetensors(single)
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        out = {}
+        for fname in safetensors_files(path):
+            out.update(read_safetensors(fname))
+        return out
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -29,6 +29,7 @@ from .format import (
     PackedLayer,
     make_quantization_config,
     parse_quantization_config,
+    safetensors_files,
     validate_layer,
 )
 from .module import QuantLinear
@@ -122,6 +123,8 @@ def validate_checkpoint_files(files: list[str], specs: Mapping[str, LayerSpec]) 
 # --------------------------------------------------------------------------------------------
 
 _REGISTERED = False
+# transformers 4.x casts every floating checkpoint tensor to the model dtype while loading.
+TRANSFORMERS_CASTS_BUFFERS = False
 
 
 def register_with_transformers() -> bool:
@@ -153,8 +156,12 @@ def register_with_transformers() -> bool:
 
 
 def _make_transformers_classes():
+    global TRANSFORMERS_CASTS_BUFFERS
+    import transformers
     from transformers.quantizers import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    TRANSFORMERS_CASTS_BUFFERS = int(transformers.__version__.split(".")[0]) < 5
 
     class TacqKernelsConfig(QuantizationConfigMixin):
         """The ``quantization_config`` of a tacq-kernels checkpoint (see docs/format.md)."""
@@ -192,10 +199,21 @@ def _make_transformers_classes():
             return parse_quantization_config(self.to_dict())
 
     class TacqKernelsHfQuantizer(HfQuantizer):
-        """Loads tacq-kernels checkpoints (quantizing happens in ``tacq_quant``, not here)."""
+        """Loads tacq-kernels checkpoints (quantizing happens in ``tacq_quant``, not here).
+
+        transformers 5.x keeps each checkpoint tensor in the dtype of the module's (empty)
+        buffer, so the format's dtypes survive as they are. transformers 4.x casts every
+        floating tensor to the model dtype first; there our buffers are routed through
+        ``create_quantized_param``, which puts them back in their format dtype (exact from fp16
+        or fp32; bf16 would round fp16 scales, so 4.x refuses dtype=bfloat16).
+        """
 
         requires_calibration = True
-        requires_parameters_quantization = False
+        requires_parameters_quantization = True  # transformers 4.x: route our buffers below
+
+        def __init__(self, quantization_config, **kwargs):
+            super().__init__(quantization_config, **kwargs)
+            self._validated_files = False
 
         def validate_environment(self, *args, **kwargs):
             if not self.pre_quantized:
@@ -205,16 +223,23 @@ def _make_transformers_classes():
                 )
 
         def update_dtype(self, dtype):
-            return dtype
-
-        # transformers 4.x name
-        def update_torch_dtype(self, dtype):
+            if TRANSFORMERS_CASTS_BUFFERS and dtype == torch.bfloat16:
+                raise ValueError(
+                    "with transformers 4.x, tacq_kernels checkpoints load with dtype=torch.float16 or "
+                    "torch.float32 (4.x would round the fp16 scales through bfloat16); bf16 activations "
+                    "still work after loading, or upgrade to transformers 5"
+                )
             return dtype
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
             specs = self.quantization_config.layer_specs()
+            if not checkpoint_files:  # transformers 4.x does not pass them: find a local checkpoint
+                path = getattr(model.config, "_name_or_path", "") or ""
+                if os.path.isdir(path):
+                    checkpoint_files = safetensors_files(path)
             if checkpoint_files:
                 validate_checkpoint_files(list(checkpoint_files), specs)
+                self._validated_files = True
             replace_linear(model, specs)
             return model
 
@@ -223,13 +248,30 @@ def _make_transformers_classes():
                 for tname in module.tensor_names():
                     if getattr(module, tname).is_meta:
                         raise CheckpointError("was not loaded from the checkpoint", name, tname)
+                if not self._validated_files:
+                    module.validate()
             return model
 
         def param_needs_quantization(self, model, param_name, **kwargs) -> bool:
-            return False
+            # Consulted by transformers 4.x while loading (5.x asks only when quantizing on load).
+            module_name, _, tname = param_name.rpartition(".")
+            try:
+                return isinstance(model.get_submodule(module_name), QuantLinear)
+            except AttributeError:
+                return False
 
-        def check_quantized_param(self, *args, **kwargs) -> bool:  # transformers 4.x name
-            return False
+        def check_quantized_param(self, model, param_value, param_name, *args, **kwargs) -> bool:  # 4.x < 4.56
+            return self.param_needs_quantization(model, param_name)
+
+        def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
+            module_name, _, tname = param_name.rpartition(".")
+            module = model.get_submodule(module_name)
+            shape, dtype = module.spec.tensor_specs()[tname]
+            if tuple(param_value.shape) != shape:
+                raise CheckpointError(
+                    f"expected shape {list(shape)} from the layer spec, got {list(param_value.shape)}", module_name, tname
+                )
+            module._buffers[tname] = param_value.to(device=target_device, dtype=dtype)
 
         def is_serializable(self, *args, **kwargs):
             return True
