@@ -1,0 +1,7 @@
+"""``python -m tacq_quant`` runs the ``tacq`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

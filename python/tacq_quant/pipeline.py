@@ -1,0 +1,258 @@
+"""One entry point for every method: ``quantize_model(model, calibration, config)``.
+
+``rtn`` and ``gptq`` are one sequential pass; ``claq`` is one pass with the k-means column
+quantizer; ``tacq`` is (1) the per-sample |gradient| pass on the unquantized model, (2) a plain
+GPTQ pass for Q(W) (or Q(W) read from a GPTQ checkpoint made with the same settings), (3) the
+global top-k selection and (4) the masked GPTQ pass. Every pass goes through
+:func:`tacq_quant.sequential.quantize_sequential`, so all methods see the same calibration
+activations, report the same table and produce format-v1 layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from tacq_kernels import PackedLayer
+
+from .claq import KMeansColumnQuantizer, validate_claq_bits
+from .data import CalibrationData
+from .gptq import AffineColumnQuantizer, gptq_quantize
+from .quantized_weight import QuantizedWeight
+from .rtn import rtn_quantize
+from .sequential import LayerReport, quantize_sequential, summarize
+from .tacq import cached_abs_gradients, keep_count, saliency, select_top_k, target_linears
+
+METHODS = ("rtn", "gptq", "tacq", "claq")
+DEFAULT_OUTLIER_FRAC = 0.0035
+
+
+class ConfigError(ValueError):
+    """Invalid quantization settings (one line for the user)."""
+
+
+@dataclass
+class QuantizeConfig:
+    method: str
+    bits: float
+    group_size: int = -1
+    outlier_frac: float = DEFAULT_OUTLIER_FRAC  # TACQ only
+    act_order: bool | None = None  # None: the method's default (CLAQ on, others off)
+    true_sequential: bool = True
+    percdamp: float = 0.01
+    blocksize: int = 128
+    clip_search: bool = True
+    reserve_outliers: bool = False  # CLAQ outlier reservation (OR)
+    kmeans_init: str = "kmeans++"
+    seed: int = 0
+    grad_max_batch_tokens: int = 2048
+    grad_cache: str | None = None  # TACQ: reuse |gradients| across runs (depends on model + data only)
+    corrupt_from: str | None = None  # TACQ: take Q(W) from this GPTQ checkpoint instead of a GPTQ pass
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "claq":
+            try:
+                validate_claq_bits(self.bits)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        elif self.bits not in (2, 3, 4):
+            raise ConfigError(f"{self.method} needs integer bits 2, 3 or 4, got {self.bits:g} "
+                              "(fractional bits are CLAQ's adaptive precision)")
+        if self.method == "tacq" and not 0 <= self.outlier_frac < 1:
+            raise ConfigError(f"--outlier-frac must be in [0, 1), got {self.outlier_frac}")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ConfigError(f"--group-size must be -1 (one group per row) or positive, got {self.group_size}")
+        if self.method == "claq" and self.group_size != -1:
+            raise ConfigError("CLAQ has one codebook per column; --group-size does not apply")
+        if not 0 <= self.percdamp < 10:
+            raise ConfigError(f"--percdamp must be in [0, 10), got {self.percdamp}")
+        if self.blocksize <= 0:
+            raise ConfigError(f"--blocksize must be positive, got {self.blocksize}")
+        if self.kmeans_init not in ("kmeans++", "quantile"):
+            raise ConfigError(f"--kmeans-init must be kmeans++ or quantile, got {self.kmeans_init!r}")
+
+    @property
+    def effective_act_order(self) -> bool:
+        return self.act_order if self.act_order is not None else self.method == "claq"
+
+    def method_args(self) -> dict:
+        d = asdict(self)
+        d["act_order"] = self.effective_act_order
+        d.pop("grad_cache")
+        d.pop("corrupt_from")
+        d.pop("grad_max_batch_tokens")
+        if self.method != "tacq":
+            d.pop("outlier_frac")
+        if self.method != "claq":
+            d.pop("reserve_outliers")
+            d.pop("kmeans_init")
+        else:
+            d.pop("clip_search")
+            d.pop("group_size")
+        if self.method == "rtn":
+            for key in ("act_order", "true_sequential", "percdamp", "blocksize"):
+                d.pop(key)
+        if isinstance(d["bits"], float) and d["bits"].is_integer():
+            d["bits"] = int(d["bits"])
+        return d
+
+
+@dataclass
+class QuantizeOutcome:
+    packed: dict[str, PackedLayer]
+    reports: list[LayerReport]
+    method_args: dict
+    seconds: float
+    stages: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"method_args": self.method_args, "seconds": self.seconds, "stages": self.stages,
+                **summarize(self.reports)}
+
+
+def _gptq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None):
+    def quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
+        q = AffineColumnQuantizer(int(cfg.bits), cfg.group_size, clip_search=cfg.clip_search)
+        keep = None if masks is None else masks.get(name)
+        if keep is not None and not bool(keep.any()):
+            keep = None
+        return gptq_quantize(weight, hessian, q, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                             act_order=cfg.effective_act_order, keep_mask=keep).weight
+    return quantize
+
+
+def _claq_weight_quantizer(cfg: QuantizeConfig):
+    def quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
+        # one generator seed per matrix, derived from the run's seed and the matrix name
+        seed = (cfg.seed * 1_000_003 + sum(name.encode())) % (2**31)
+        q = KMeansColumnQuantizer(cfg.bits, reserve_outliers=cfg.reserve_outliers, kmeans_init=cfg.kmeans_init,
+                                  seed=seed)
+        return gptq_quantize(weight, hessian, q, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                             act_order=cfg.effective_act_order).weight
+    return quantize
+
+
+def _rtn_weight_quantizer(cfg: QuantizeConfig):
+    def quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
+        return rtn_quantize(weight, int(cfg.bits), cfg.group_size, clip_search=cfg.clip_search)
+    return quantize
+
+
+def _load_corrupt_weights(path: str, cfg: QuantizeConfig, calib: CalibrationData, names: list[str]) -> dict[str, torch.Tensor]:
+    """Q(W) from a GPTQ checkpoint made with the same bits, grid settings and calibration data."""
+    from tacq_kernels import load_layers
+    from tacq_kernels.reference import dequantize
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            qc = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--corrupt-from {path}: cannot read config.json ({e})") from None
+    args = qc.get("method_args") or {}
+    expect = {"bits": int(cfg.bits), "group_size": cfg.group_size, "act_order": cfg.effective_act_order,
+              "true_sequential": cfg.true_sequential, "percdamp": cfg.percdamp, "blocksize": cfg.blocksize,
+              "clip_search": cfg.clip_search, "seed": cfg.seed, "calib": calib.spec,
+              "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1])}
+    if qc.get("method") != "gptq":
+        raise ConfigError(f"--corrupt-from {path}: expected a gptq checkpoint, found method {qc.get('method')!r}")
+    diff = {k: (args.get(k), v) for k, v in expect.items() if args.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"--corrupt-from {path} was made with other settings ({detail})")
+    layers, _ = load_layers(path, qc)
+    missing = [n for n in names if n not in layers]
+    if missing:
+        raise ConfigError(f"--corrupt-from {path} lacks layer {missing[0]}")
+    return {n: dequantize(layers[n]) for n in names}
+
+
+def quantize_model(
+    model: nn.Module,
+    calib: CalibrationData,
+    cfg: QuantizeConfig,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    log=print,
+    on_layer=None,
+) -> QuantizeOutcome:
+    """Quantize ``model`` in place (its linears end up holding the effective quantized weights).
+
+    ``on_layer(name, QuantizedWeight)`` is called for every weight of the final pass (tests use it
+    to see kept positions and values).
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    args = cfg.method_args()
+    args.update({"calib": calib.spec, "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1])})
+    stages: dict = {}
+    run = dict(device=device, batch_size=batch_size, true_sequential=cfg.true_sequential, progress=progress,
+               on_layer=on_layer)
+
+    if cfg.method == "rtn":
+        res = quantize_sequential(model, calib.windows, _rtn_weight_quantizer(cfg), **run)
+    elif cfg.method == "gptq":
+        res = quantize_sequential(model, calib.windows, _gptq_weight_quantizer(cfg), **run)
+    elif cfg.method == "claq":
+        res = quantize_sequential(model, calib.windows, _claq_weight_quantizer(cfg), **run)
+    else:
+        res = _quantize_tacq(model, calib, cfg, run, stages, args, log)
+    stages["sequential_seconds"] = res.seconds
+    return QuantizeOutcome(res.packed, res.reports, args, time.perf_counter() - t_start, stages)
+
+
+def _quantize_tacq(model, calib, cfg, run, stages, args, log):
+    linears = target_linears(model)
+    names = list(linears)
+    n_weights = sum(m.weight.numel() for m in linears.values())
+    k = keep_count(n_weights, cfg.outlier_frac)
+
+    # (1) sum over samples of |per-sample gradient| on the unquantized model
+    t0 = time.perf_counter()
+    samples = calib.gradient_samples()
+    log(f"TACQ: |gradients| over {len(samples)} samples"
+        + (f" (cache {cfg.grad_cache})" if cfg.grad_cache else ""))
+    grads, ginfo = cached_abs_gradients(model, samples, cfg.grad_cache, device=run["device"],
+                                        progress=run["progress"], max_batch_tokens=cfg.grad_max_batch_tokens)
+    stages["gradient_seconds"] = time.perf_counter() - t0
+    stages["gradient_cache"] = ginfo.get("cache")
+    stages["gradient_samples"] = len(samples)
+
+    # (2) Q(W): plain GPTQ at the same bits on the same data
+    t0 = time.perf_counter()
+    if cfg.corrupt_from:
+        log(f"TACQ: Q(W) from the GPTQ checkpoint {cfg.corrupt_from}")
+        corrupt = _load_corrupt_weights(cfg.corrupt_from, cfg, calib, names)
+        stages["corrupt_from"] = cfg.corrupt_from
+    else:
+        log("TACQ: plain GPTQ pass for Q(W)")
+        original = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}
+        quantize_sequential(model, calib.windows, _gptq_weight_quantizer(cfg), **{**run, "on_layer": None})
+        corrupt = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}
+        with torch.no_grad():
+            for n, m in linears.items():
+                m.weight.copy_(original[n].to(m.weight.device))
+        del original
+    stages["corrupt_seconds"] = time.perf_counter() - t0
+
+    # (3) scores and the global top-k
+    t0 = time.perf_counter()
+    scores = {n: saliency(linears[n].weight.detach().cpu(), grads[n], corrupt[n]) for n in names}
+    del corrupt, grads
+    masks = select_top_k(scores, k)
+    del scores
+    stages["select_seconds"] = time.perf_counter() - t0
+    log(f"TACQ: keeping {k:,} of {n_weights:,} weights ({100 * k / n_weights:.3f} %) in 16 bits")
+    args["kept"] = k
+    args["kept_of"] = n_weights
+
+    # (4) GPTQ again from the original weights, with the mask
+    return quantize_sequential(model, calib.windows, _gptq_weight_quantizer(cfg, masks), **run)

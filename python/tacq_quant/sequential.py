@@ -1,0 +1,299 @@
+"""Layer-by-layer quantization of a decoder-only model (the GPTQ recipe), for every method.
+
+1. The calibration windows run through the model up to the first decoder layer, where a
+   pre-forward hook records that layer's inputs (hidden states and keyword arguments: attention
+   mask, position embeddings, ...) and stops the forward.
+2. For each decoder layer in turn (moved alone to the device): forward hooks on its linear layers
+   accumulate the Hessian ``2/n sum x x^T`` of their inputs; each weight is quantized by the
+   method; the weight is replaced by exactly what the checkpoint will decode (dense codes plus the
+   fp16 sparse correction); then the layer's outputs, computed with the quantized weights, become
+   the next layer's inputs.
+3. With ``true_sequential`` (the default, as in the TACQ and CLAQ scripts) a Llama layer is done in
+   four steps, {q, k, v} -> {o} -> {gate, up} -> {down}: each step's Hessians are collected with
+   the earlier steps already quantized. A forward stops as soon as the hooked modules have seen
+   their inputs, so early steps do not pay for the rest of the layer.
+
+Memory holds one decoder layer on the device plus the activations of the calibration set
+(``nsamples * seqlen * hidden`` floats, twice). Nothing else of the model leaves the CPU.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from tacq_kernels import PackedLayer
+
+from .gptq import HessianAccumulator, relative_output_error
+from .quantized_weight import QuantizedWeight
+
+LLAMA_SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+DECODER_LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+
+
+class WeightQuantizer(Protocol):
+    """A method as the driver sees it: one weight and its Hessian in, a QuantizedWeight out."""
+
+    def __call__(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight: ...
+
+
+@dataclass
+class LayerReport:
+    name: str
+    out_features: int
+    in_features: int
+    rel_error: float
+    bits_weights: float
+    bits_total: float
+    nnz: int
+    seconds: float
+    peak_mem_mb: float
+    segments: str = ""
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class SequentialResult:
+    packed: dict[str, PackedLayer] = field(default_factory=dict)
+    reports: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed from a forward pass has been recorded."""
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for path in DECODER_LAYER_PATHS:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod):
+            return path, mod
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for {DECODER_LAYER_PATHS})")
+
+
+def linear_names(layer: nn.Module) -> list[str]:
+    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Full names of the linear layers the quantizer handles (every nn.Linear of every decoder
+    layer: q/k/v/o/gate/up/down for Llama; embeddings and lm_head are not included)."""
+    prefix, layers = find_decoder_layers(model)
+    return [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in linear_names(layer)]
+
+
+def sequential_groups(layer: nn.Module, true_sequential: bool) -> list[list[str]]:
+    names = linear_names(layer)
+    if true_sequential and sorted(names) == sorted(n for g in LLAMA_SEQUENTIAL_GROUPS for n in g):
+        return [list(g) for g in LLAMA_SEQUENTIAL_GROUPS]
+    return [names]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int):
+    """Run the calibration windows up to the first decoder layer; return (inputs, kwargs per batch).
+
+    ``inputs`` is a list of hidden-state batches on ``device``.
+    """
+    prefix, layers = find_decoder_layers(model)
+    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+    moved = [m for name, m in parent.named_children() if m is not layers]
+    for m in moved:
+        m.to(device)
+    inputs, kwargs_list = [], []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hidden.detach())
+        kwargs_list.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in range(0, windows.shape[0], batch_size):
+                try:
+                    model(input_ids=windows[b:b + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+        if device.type != "cpu":
+            for m in moved:
+                m.to("cpu")
+    return inputs, kwargs_list
+
+
+def quantize_sequential(
+    model: nn.Module,
+    windows: torch.Tensor,
+    quantize_weight: WeightQuantizer,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    true_sequential: bool = True,
+    progress: bool = True,
+    on_layer: Callable[[str, QuantizedWeight], None] | None = None,
+) -> SequentialResult:
+    """Quantize every decoder-layer linear of ``model`` (in place) on calibration ``windows``
+    [nsamples, seqlen] (token ids). The model's weights become the effective (decoded) weights;
+    returns the packed layers and a report per layer.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    prefix, layers = find_decoder_layers(model)
+    model.eval()
+    result = SequentialResult()
+    inputs, kwargs_list = capture_layer0_inputs(model, windows, device, batch_size)
+    total = sum(len(linear_names(layer)) for layer in layers)
+    bar = tqdm(total=total, desc="quantize", unit="linear", disable=not progress, dynamic_ncols=True)
+    try:
+        for li, layer in enumerate(layers):
+            layer.to(device)
+            modules = dict(layer.named_modules())
+            for group in sequential_groups(layer, true_sequential):
+                hessians = _collect_hessians(layer, modules, group, inputs, kwargs_list, device)
+                for short in group:
+                    name = f"{prefix}.{li}.{short}"
+                    bar.set_description(f"layer {li}/{len(layers)} {short}")
+                    module = modules[short]
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    t0 = time.perf_counter()
+                    w = module.weight.data
+                    h = hessians[short]
+                    qw = quantize_weight(name, w, h)
+                    bias = None if module.bias is None else module.bias.data
+                    packed = qw.pack(name, bias)
+                    w_eff = qw.effective_weight(packed).to(device=w.device, dtype=w.dtype)
+                    rel = relative_output_error(w, w_eff, h)
+                    module.weight.data.copy_(w_eff)
+                    if on_layer is not None:
+                        on_layer(name, qw)
+                    result.packed[name] = packed
+                    bpw = packed.spec.bits_per_weight()
+                    result.reports.append(LayerReport(
+                        name=name, out_features=packed.spec.out_features, in_features=packed.spec.in_features,
+                        rel_error=rel, bits_weights=bpw["weights"], bits_total=bpw["total"], nnz=packed.spec.nnz,
+                        seconds=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device),
+                        segments=packed.spec.describe_bits(),
+                    ))
+                    bar.update(1)
+                del hessians
+            with torch.no_grad():
+                inputs = [_layer_output(layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
+            if device.type != "cpu":
+                layer.to("cpu")
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _collect_hessians(layer, modules, group, inputs, kwargs_list, device) -> dict[str, torch.Tensor]:
+    """Hessians of the inputs of the linears in ``group`` over all calibration batches."""
+    accs = {n: HessianAccumulator(modules[n].in_features, device) for n in group}
+    seen: set[str] = set()
+    xtx_cache: dict[tuple, tuple[torch.Tensor, int]] = {}
+
+    def make_hook(short):
+        def hook(module, args, output):
+            x = args[0].detach()
+            # q/k/v (and gate/up) read the same tensor: compute its x^T x once per batch
+            key = (x.data_ptr(), tuple(x.shape), x._version)
+            if key not in xtx_cache:
+                x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                xtx_cache[key] = (x2.t() @ x2, x2.shape[0])
+            accs[short].add_xtx(*xtx_cache[key])
+            seen.add(short)
+            if len(seen) == len(group):
+                raise _StopForward
+        return hook
+
+    handles = [modules[n].register_forward_hook(make_hook(n)) for n in group]
+    try:
+        with torch.no_grad():
+            for x, kw in zip(inputs, kwargs_list):
+                seen.clear()
+                xtx_cache.clear()
+                try:
+                    layer(x, **kw)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: acc.hessian() for n, acc in accs.items()}
+
+
+def format_summary(reports: list[LayerReport], seconds: float | None = None) -> str:
+    """A plain-text table: one row per quantized linear, then the totals (numel-weighted)."""
+    head = f"{'layer':<40} {'shape':>11} {'bits':>11} {'rel.err':>8} {'w.bits':>6} {'tot.bits':>8} " \
+           f"{'outl.%':>6} {'sec':>6} {'peakMB':>7}"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        lines.append(
+            f"{r.name:<40} {r.out_features:>5}x{r.in_features:<5} {r.segments:>11} {r.rel_error:>8.4f} "
+            f"{r.bits_weights:>6.3f} {r.bits_total:>8.3f} {100 * r.nnz / r.numel:>6.3f} {r.seconds:>6.2f} "
+            f"{r.peak_mem_mb:>7.0f}"
+        )
+    lines.append("-" * len(head))
+    lines.append(summary_line(reports, seconds))
+    return "\n".join(lines)
+
+
+def summarize(reports: list[LayerReport]) -> dict:
+    n = sum(r.numel for r in reports)
+    if not n:
+        return {}
+    return {
+        "layers": len(reports),
+        "numel": n,
+        "bits_weights": sum(r.bits_weights * r.numel for r in reports) / n,
+        "bits_total": sum(r.bits_total * r.numel for r in reports) / n,
+        "nnz": sum(r.nnz for r in reports),
+        "outlier_frac": sum(r.nnz for r in reports) / n,
+        "mean_rel_error": sum(r.rel_error for r in reports) / len(reports),
+        "quantize_seconds": sum(r.seconds for r in reports),
+        "peak_mem_mb": max(r.peak_mem_mb for r in reports),
+    }
+
+
+def summary_line(reports: list[LayerReport], seconds: float | None = None) -> str:
+    s = summarize(reports)
+    if not s:
+        return "no layers quantized"
+    wall = f", {seconds:.1f} s wall" if seconds is not None else ""
+    return (
+        f"{s['layers']} layers, {s['numel']:,} weights: {s['bits_weights']:.3f} bits (weights only), "
+        f"{s['bits_total']:.3f} bits (all-inclusive), {s['nnz']:,} kept ({100 * s['outlier_frac']:.3f} %), "
+        f"mean rel. error {s['mean_rel_error']:.4f}, {s['quantize_seconds']:.1f} s in the quantizers{wall}, "
+        f"peak memory {s['peak_mem_mb']:.0f} MB"
+    )

@@ -1,0 +1,131 @@
+"""TACQ: per-sample |gradients|, the saliency score, the exact global top-k, the kept weights."""
+
+import pytest
+import torch
+
+from tacq_quant.data import CalibrationData
+from tacq_quant.pipeline import QuantizeConfig, quantize_model
+from tacq_quant.tacq import (accumulate_abs_gradients, cached_abs_gradients, keep_count, saliency, select_top_k,
+                             target_linears)
+from tacq_quant.tiny import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def samples_of_mixed_lengths(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 257, (n,), generator=g) for n in (9, 23, 5, 23, 16, 2, 31)]
+
+
+def brute_force_abs_gradients(model, samples):
+    """Independent reference: one sample at a time (batch size 1), ordinary autograd on the
+    weights, |grad| summed over samples, in fp32."""
+    names = list(target_linears(model))
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(params[n + ".weight"]) for n in names}
+    for s in samples:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=s[None]).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits[:-1], s[1:])  # mean over the sample's tokens
+        loss.backward()
+        for n in names:
+            total[n] += params[n + ".weight"].grad.abs()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def test_tacq_score_equals_brute_force_on_a_tiny_model():
+    model = tiny_llama(seed=1)
+    samples = samples_of_mixed_lengths()
+    ref = brute_force_abs_gradients(model, samples)
+    # batches of several right-padded samples: per-sample gradients must still be separate
+    ours = accumulate_abs_gradients(model, samples, max_batch_tokens=64, device="cpu", progress=False)
+    assert set(ours) == set(ref)
+    g = torch.Generator().manual_seed(5)
+    for name, m in target_linears(model).items():
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-7)
+        w = m.weight.detach()
+        q = w + 0.01 * torch.randn(w.shape, generator=g)  # any Q(W)
+        expect = w.abs() * ref[name] * (q - w).abs()
+        torch.testing.assert_close(saliency(w, ours[name], q), expect, rtol=1e-4, atol=1e-12)
+    # |.| is per sample: the sum of |g_s| is not |sum g_s|
+    name = next(iter(ref))
+    model.zero_grad(set_to_none=True)
+    loss = sum(torch.nn.functional.cross_entropy(model(input_ids=s[None]).logits[0][:-1], s[1:]) for s in samples)
+    loss.backward()
+    summed = dict(model.named_parameters())[name + ".weight"].grad.abs()
+    assert float((ref[name] - summed).abs().max()) > 1e-3 * float(ref[name].abs().max())
+    # the model is left as it was
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_top_k_is_exact_with_ties():
+    scores = {
+        "a": torch.tensor([[5.0, 1.0, 3.0], [3.0, 3.0, 0.0]]),
+        "b": torch.tensor([3.0, 3.0, 7.0, 2.0]),
+    }
+    for k in range(0, 11):
+        masks = select_top_k(scores, k)
+        assert sum(int(m.sum()) for m in masks.values()) == k
+        chosen = torch.cat([scores[n].flatten()[masks[n].flatten()] for n in scores])
+        rest = torch.cat([scores[n].flatten()[~masks[n].flatten()] for n in scores])
+        if k and rest.numel():
+            assert float(chosen.min()) >= float(rest.max())
+    # k = 4 cuts through the five 3.0 ties: 7 and 5 first, then the first two 3.0 in order
+    masks = select_top_k(scores, 4)
+    assert masks["a"].tolist() == [[True, False, True], [True, False, False]]
+    assert masks["b"].tolist() == [False, False, True, False]
+    assert keep_count(1000, 0.0035) == 4 and keep_count(106168320, 0.0035) == 371589
+    with pytest.raises(ValueError):
+        select_top_k({"a": torch.tensor([float("nan"), 1.0])}, 1)
+
+
+def calib_windows(n=8, seqlen=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return CalibrationData(torch.randint(0, 257, (n, seqlen), generator=g), None, "random", "random")
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_tacq_keeps_exactly_the_requested_count_and_reproduces_kept_weights(bits):
+    model = tiny_llama(seed=2)
+    n_weights = sum(m.weight.numel() for m in target_linears(model).values())
+    frac = 0.013
+    kept = {}
+    out = quantize_model(model, calib_windows(), QuantizeConfig("tacq", bits, outlier_frac=frac), progress=False,
+                         log=lambda *_: None, on_layer=lambda name, qw: kept.__setitem__(name, qw))
+    k = round(frac * n_weights)
+    assert out.method_args["kept"] == k
+    assert sum(p.spec.nnz for p in out.packed.values()) == k
+    assert sum(qw.n_kept for qw in kept.values()) == k
+    # global, not per layer: the counts differ between matrices
+    assert len({p.spec.nnz for p in out.packed.values()}) > 1
+    from tacq_kernels.reference import dequantize
+
+    for name, packed in out.packed.items():
+        qw = kept[name]
+        if not qw.n_kept:
+            continue
+        eff = dequantize(packed)
+        # the checkpoint holds each kept weight exactly as its fp16 value (dense code decodes to 0)
+        assert torch.equal(eff[qw.keep_mask], qw.kept_values[qw.keep_mask].half().float())
+        # and the model in memory holds what the checkpoint decodes
+        assert torch.equal(dict(model.named_modules())[name].weight.detach(), eff)
+
+
+def test_gradient_cache_roundtrip(tmp_path):
+    model = tiny_llama(seed=3)
+    samples = samples_of_mixed_lengths(1)
+    path = str(tmp_path / "g.safetensors")
+    first, info1 = cached_abs_gradients(model, samples, path, device="cpu", progress=False)
+    again, info2 = cached_abs_gradients(model, samples, path, device="cpu", progress=False)
+    assert info1["cache"] == "written" and info2["cache"] == "hit"
+    for n in first:
+        assert torch.equal(first[n], again[n])
+    _, info3 = cached_abs_gradients(model, samples[:-1], path, device="cpu", progress=False)
+    assert info3["cache"] == "stale"  # other samples: recomputed
