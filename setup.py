@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tacq_kernels", "tacq_quant"],
+    packages=["tacq_kernels", "tacq_kernels.kernels", "tacq_quant"],
     package_dir={"tacq_kernels": "tacq_kernels", "tacq_quant": "python/tacq_quant"},
     install_requires=[
         "torch>=2.4",

@@ -22,6 +22,7 @@ from .format import (
 )
 from .hf import load, quantized_layers, register_with_transformers, replace_linear
 from .module import QuantLinear
+from .ops import warmup
 
 # `import tacq_kernels` is what makes AutoModelForCausalLM.from_pretrained understand our checkpoints.
 register_with_transformers()
@@ -47,4 +48,5 @@ __all__ = [
     "replace_linear",
     "save_layers",
     "validate_layer",
+    "warmup",
 ]

@@ -18,9 +18,13 @@ class QuantLinear(nn.Module):
     / ``.half()`` move them between devices but never change them.
 
     Inputs may have any leading shape and be fp32, fp16 or bf16; the output has the input's dtype.
-    On CPU the forward is the pure-PyTorch reference; with ``cache_dequantized=True`` (the default)
-    the decoded fp32 weight is kept after the first call so that CPU generation is not dominated
-    by decoding (the cache is dropped whenever the buffers move or are reloaded).
+    On CUDA the forward is one call of the ``tacq_kernels::quant_linear`` op, which picks the
+    Triton kernel by the number of rows M inside the op (so ``torch.compile`` sees a single op and
+    never recompiles for a new batch size); tune it before CUDA-graph capture with
+    :func:`tacq_kernels.warmup`. On CPU the forward is the pure-PyTorch reference; with
+    ``cache_dequantized=True`` (the default) the decoded fp32 weight is kept after the first call
+    so that CPU generation is not dominated by decoding (the cache is dropped whenever the buffers
+    move or are reloaded).
 
     Build one from a packed layer (:meth:`from_packed`) or, for loading, from a spec alone
     (``QuantLinear(spec)``, buffers allocated empty at the right shapes).
@@ -35,6 +39,7 @@ class QuantLinear(nn.Module):
         self.out_features = spec.out_features
         self.cache_dequantized = cache_dequantized
         self._spec_ints = ops.spec_to_ints(spec)
+        self._tensor_names = list(spec.tensor_specs())  # op argument order, computed once (decode is per-token)
         self._dense_cache: torch.Tensor | None = None
         for tname, (shape, dtype) in spec.tensor_specs().items():
             self.register_buffer(tname, torch.zeros(shape, dtype=dtype, device=device))
@@ -49,7 +54,7 @@ class QuantLinear(nn.Module):
         return m
 
     def tensor_names(self) -> list[str]:
-        return list(self.spec.tensor_specs())
+        return list(self._tensor_names)
 
     def to_packed(self, check: bool = False) -> PackedLayer:
         """A :class:`PackedLayer` view of the buffers (no copy)."""
@@ -75,7 +80,7 @@ class QuantLinear(nn.Module):
                 self._dense_cache = self.dequantize()
             y = reference.linear(x2, self.to_packed(), weight=self._dense_cache)
         else:
-            tensors = [getattr(self, n) for n in self.tensor_names()]
+            tensors = [getattr(self, n) for n in self._tensor_names]
             y = ops.quant_linear(x2.contiguous(), tensors, self._spec_ints)
         return y.reshape(*lead, self.out_features)
 

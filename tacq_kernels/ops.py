@@ -12,7 +12,13 @@
 * returns: [M, N] in the dtype of ``x``.
 
 The op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it.
-Devices without a kernel run the pure-PyTorch reference (:mod:`tacq_kernels.reference`).
+CUDA tensors run the Triton kernels (:mod:`tacq_kernels.kernels`); the choice of kernel by M
+happens inside the op (:func:`tacq_kernels.kernels.path_for`), so a compiled model sees one op
+whatever the batch size and never recompiles for it. Other devices, and CUDA without Triton, run
+the pure-PyTorch reference (:mod:`tacq_kernels.reference`).
+
+Kernel configs are tuned (timed) the first time each shape and power-of-two batch bucket is
+seen, which must not happen inside CUDA-graph capture: call :func:`warmup` first.
 """
 
 from __future__ import annotations
@@ -80,7 +86,75 @@ def quant_linear(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: list[i
     return reference.linear(x, layer)
 
 
+@quant_linear.register_kernel("cuda")
+def _quant_linear_cuda(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: list[int]) -> torch.Tensor:
+    _check_input(x, spec_ints)
+    layer = layer_from_op_args(tensors, spec_ints)
+    if not _triton_available():
+        return reference.linear(x, layer)
+    from . import kernels
+
+    return kernels.linear(x if x.stride(1) == 1 else x.contiguous(), layer)
+
+
+_TRITON: bool | None = None
+
+
+def _triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = True
+        except ImportError:
+            _TRITON = False
+    return _TRITON
+
+
 @quant_linear.register_fake
 def _quant_linear_fake(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: list[int]) -> torch.Tensor:
     _check_input(x, spec_ints)
     return x.new_empty((x.shape[0], spec_ints[1]))
+
+
+DEFAULT_WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def warmup(
+    model: torch.nn.Module, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES, dtype: torch.dtype | None = None
+) -> int:
+    """Tune and compile the kernels of every CUDA ``QuantLinear`` in ``model`` for ``batch_sizes``.
+
+    Call it once after loading and before capturing CUDA graphs (or before serving): kernel
+    configs are timed the first time a layer shape meets a batch-size bucket (powers of two; M = 3
+    uses M = 4's), and timing cannot happen during capture (a shape first seen there falls back
+    to an untuned config, with a warning). ``dtype`` is the activation dtype (default: the dtype
+    of the model's first floating-point parameter, else fp16). Layers with the same spec are run
+    once. Returns the number of forward calls made. CPU modules are skipped.
+    """
+    from .module import QuantLinear
+
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
+    seen = set()
+    calls = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, QuantLinear):
+                continue
+            device = module.sparse_row_ptr.device
+            if device.type != "cuda":
+                continue
+            ints = list(module._spec_ints)
+            ints[4] = int(ints[4] > 0)  # nnz only matters as zero / non-zero for tuning
+            signature = (tuple(ints), module.sparse_col.dtype, device)
+            if signature in seen:
+                continue
+            seen.add(signature)
+            for m in batch_sizes:
+                module(torch.zeros(m, module.in_features, dtype=dtype, device=device))
+                calls += 1
+    if calls:
+        torch.cuda.synchronize()
+    return calls
