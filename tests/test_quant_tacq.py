@@ -129,3 +129,18 @@ def test_gradient_cache_roundtrip(tmp_path):
         assert torch.equal(first[n], again[n])
     _, info3 = cached_abs_gradients(model, samples[:-1], path, device="cpu", progress=False)
     assert info3["cache"] == "stale"  # other samples: recomputed
+
+
+def test_saliency_ablations():
+    w = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    g = torch.tensor([[0.1, 0.2], [0.3, 0.4]])
+    q = torch.tensor([[1.5, -2.0], [0.0, 1.0]])
+    assert torch.allclose(saliency(w, g, q), torch.tensor([[0.05, 0.0], [0.075, 0.0]]))
+    assert torch.allclose(saliency(w, g, q, "qal"), torch.tensor([[0.05, 0.0], [0.15, 0.4]]))
+    assert torch.allclose(saliency(w, g, q, "msg"), torch.tensor([[0.1, 0.4], [0.15, 0.0]]))
+    assert torch.equal(saliency(w, None, None, "magnitude"), w.abs())
+    # magnitude needs neither gradients nor Q(W): the pipeline skips both passes
+    model = tiny_llama(seed=6)
+    out = quantize_model(model, calib_windows(), QuantizeConfig("tacq", 2, outlier_frac=0.01, saliency="magnitude"),
+                         progress=False, log=lambda *_: None)
+    assert "gradient_seconds" not in out.stages and out.method_args["saliency"] == "magnitude"

@@ -128,6 +128,9 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="2, 3 or 4; CLAQ also takes fractional targets (2.1, 2.2, 3.1, ...): adaptive precision")
     p.add_argument("--outlier-frac", type=float, default=DEFAULT_OUTLIER_FRAC,
                    help="TACQ: fraction of all decoder-linear weights kept in 16 bits (default 0.0035)")
+    p.add_argument("--saliency", default="tacq", choices=("tacq", "qal", "msg", "magnitude"),
+                   help="TACQ score: |W|*G*|Q(W)-W| (default) or, for ablations, qal = G*|Q(W)-W|, msg = |W|*G, "
+                        "magnitude = |W|")
     p.add_argument("--group-size", type=int, default=-1, help="columns per scale/zero group; -1: one per row (default)")
     p.add_argument("--calib", required=True,
                    help="calibration data: text:PATH | wikitext2:PATH | piqa:PATH | gsm8k:PATH | jsonl:PATH | "
@@ -190,13 +193,13 @@ def _run_quantize(args) -> int:
 
     cfg = QuantizeConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, outlier_frac=args.outlier_frac,
-        act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
+        saliency=args.saliency, act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
     )
     cfg.validate()
-    if args.method != "tacq" and (args.grad_cache or args.corrupt_from):
-        raise CliError("--grad-cache and --corrupt-from are TACQ options")
+    if args.method != "tacq" and (args.grad_cache or args.corrupt_from or args.saliency != "tacq"):
+        raise CliError("--grad-cache, --corrupt-from and --saliency are TACQ options")
     if args.method != "claq" and args.reserve_outliers:
         raise CliError("--reserve-outliers is a CLAQ option (TACQ keeps weights with --outlier-frac)")
     check_readable(args.calib, args.template)

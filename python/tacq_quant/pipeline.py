@@ -26,7 +26,7 @@ from .gptq import AffineColumnQuantizer, gptq_quantize
 from .quantized_weight import QuantizedWeight
 from .rtn import rtn_quantize
 from .sequential import LayerReport, quantize_sequential, summarize
-from .tacq import cached_abs_gradients, keep_count, saliency, select_top_k, target_linears
+from .tacq import SALIENCY_KINDS, cached_abs_gradients, keep_count, saliency, select_top_k, target_linears
 
 METHODS = ("rtn", "gptq", "tacq", "claq")
 DEFAULT_OUTLIER_FRAC = 0.0035
@@ -42,6 +42,7 @@ class QuantizeConfig:
     bits: float
     group_size: int = -1
     outlier_frac: float = DEFAULT_OUTLIER_FRAC  # TACQ only
+    saliency: str = "tacq"  # TACQ only: the score; qal / msg / magnitude are ablations
     act_order: bool | None = None  # None: the method's default (CLAQ on, others off)
     true_sequential: bool = True
     percdamp: float = 0.01
@@ -75,6 +76,8 @@ class QuantizeConfig:
             raise ConfigError(f"--percdamp must be in [0, 10), got {self.percdamp}")
         if self.blocksize <= 0:
             raise ConfigError(f"--blocksize must be positive, got {self.blocksize}")
+        if self.saliency not in SALIENCY_KINDS:
+            raise ConfigError(f"--saliency must be one of {', '.join(SALIENCY_KINDS)}, got {self.saliency!r}")
         if self.kmeans_init not in ("kmeans++", "quantile"):
             raise ConfigError(f"--kmeans-init must be kmeans++ or quantile, got {self.kmeans_init!r}")
 
@@ -90,6 +93,7 @@ class QuantizeConfig:
         d.pop("grad_max_batch_tokens")
         if self.method != "tacq":
             d.pop("outlier_frac")
+            d.pop("saliency")
         if self.method != "claq":
             d.pop("reserve_outliers")
             d.pop("kmeans_init")
@@ -217,18 +221,22 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log):
 
     # (1) sum over samples of |per-sample gradient| on the unquantized model
     t0 = time.perf_counter()
-    samples = calib.gradient_samples()
-    log(f"TACQ: |gradients| over {len(samples)} samples"
-        + (f" (cache {cfg.grad_cache})" if cfg.grad_cache else ""))
-    grads, ginfo = cached_abs_gradients(model, samples, cfg.grad_cache, device=run["device"],
-                                        progress=run["progress"], max_batch_tokens=cfg.grad_max_batch_tokens)
-    stages["gradient_seconds"] = time.perf_counter() - t0
-    stages["gradient_cache"] = ginfo.get("cache")
-    stages["gradient_samples"] = len(samples)
+    grads = {n: None for n in names}
+    if cfg.saliency != "magnitude":
+        samples = calib.gradient_samples()
+        log(f"TACQ: |gradients| over {len(samples)} samples"
+            + (f" (cache {cfg.grad_cache})" if cfg.grad_cache else ""))
+        grads, ginfo = cached_abs_gradients(model, samples, cfg.grad_cache, device=run["device"],
+                                            progress=run["progress"], max_batch_tokens=cfg.grad_max_batch_tokens)
+        stages["gradient_seconds"] = time.perf_counter() - t0
+        stages["gradient_cache"] = ginfo.get("cache")
+        stages["gradient_samples"] = len(samples)
 
     # (2) Q(W): plain GPTQ at the same bits on the same data
     t0 = time.perf_counter()
-    if cfg.corrupt_from:
+    if cfg.saliency in ("magnitude", "msg"):
+        corrupt = {n: None for n in names}  # the score does not use Q(W)
+    elif cfg.corrupt_from:
         log(f"TACQ: Q(W) from the GPTQ checkpoint {cfg.corrupt_from}")
         corrupt = _load_corrupt_weights(cfg.corrupt_from, cfg, calib, names)
         stages["corrupt_from"] = cfg.corrupt_from
@@ -245,7 +253,7 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log):
 
     # (3) scores and the global top-k
     t0 = time.perf_counter()
-    scores = {n: saliency(linears[n].weight.detach().cpu(), grads[n], corrupt[n]) for n in names}
+    scores = {n: saliency(linears[n].weight.detach().cpu(), grads[n], corrupt[n], cfg.saliency) for n in names}
     del corrupt, grads
     masks = select_top_k(scores, k)
     del scores

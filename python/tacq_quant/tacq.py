@@ -145,10 +145,26 @@ def accumulate_abs_gradients(
     return {n: g.cpu() for n, g in grads.items()}
 
 
-def saliency(weight: torch.Tensor, abs_grad: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-    """``|W| * G * |Q(W) - W|`` (fp32)."""
+SALIENCY_KINDS = ("tacq", "qal", "msg", "magnitude")
+
+
+def saliency(weight: torch.Tensor, abs_grad: torch.Tensor | None, quantized: torch.Tensor | None,
+             kind: str = "tacq") -> torch.Tensor:
+    """The TACQ score ``|W| * G * |Q(W) - W|`` (fp32), or one of its parts for ablations:
+    ``qal`` = ``G * |Q(W) - W|`` (quantization-aware localization), ``msg`` = ``|W| * G``
+    (magnitude-sharpened gradient), ``magnitude`` = ``|W|`` (no data at all)."""
     w = weight.to(torch.float32)
-    return w.abs() * abs_grad.to(torch.float32) * (quantized.to(torch.float32) - w).abs()
+    if kind == "magnitude":
+        return w.abs()
+    g = abs_grad.to(torch.float32)
+    if kind == "msg":
+        return w.abs() * g
+    dq = (quantized.to(torch.float32) - w).abs()
+    if kind == "qal":
+        return g * dq
+    if kind != "tacq":
+        raise ValueError(f"unknown saliency {kind!r}; choose one of {SALIENCY_KINDS}")
+    return w.abs() * g * dq
 
 
 def select_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
+#
+#   benchmarks/run_quality.sh [fp|2bit|3bit|all]      (default: all; chains can run in parallel)
+#
+# Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
+# RESULTS (logs and JSON, default benchmarks/results/quality), THREADS (torch threads per process, default 1:
+# on a shared 2-core machine one thread per process is faster than two), and the budgets below.
+# A step whose result JSON exists is skipped, so an interrupted run resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=${TACQ_DATA:-../shared/data}
+RUNS=${RUNS:-runs/quality}
+RESULTS=${RESULTS:-benchmarks/results/quality}
+THREADS=${THREADS:-1}
+NSAMPLES=${NSAMPLES:-128}      # calibration budget, the same for every method
+SEQLEN=${SEQLEN:-256}
+PPL_WINDOWS=${PPL_WINDOWS:-80}  # windows of 512 tokens from the evaluation half of WikiText-2 test
+TACQ=${TACQ_CMD:-tacq}
+
+WIKI="wikitext2:$DATA/wikitext-2-raw/wiki.test.raw"   # calibration reads the first half of the rows, ppl the second
+PIQA="piqa:$DATA/piqa/valid.jsonl"                     # calibration reads the calib half of the items, eval the other
+mkdir -p "$RUNS" "$RESULTS"
+
+COMMON="--nsamples $NSAMPLES --seqlen $SEQLEN --threads $THREADS --quiet --overwrite"
+EVAL="--ppl $WIKI --ppl-seqlen 512 --ppl-windows $PPL_WINDOWS --task $PIQA --threads $THREADS --quiet"
+
+log() { echo "[$(date '+%F %T')] $*" | tee -a "$RESULTS/run.log"; }
+
+# quantize NAME ARGS...: make $RUNS/NAME unless its report exists; keep the log and the report
+quantize() {
+  local name=$1; shift
+  if [[ -f "$RESULTS/$name.quantize.json" ]]; then log "skip quantize $name"; return; fi
+  log "quantize $name: $TACQ quantize $* $COMMON --out $RUNS/$name"
+  local t0=$(date +%s)
+  $TACQ quantize "$@" $COMMON --out "$RUNS/$name" > "$RESULTS/$name.quantize.log" 2>&1
+  log "done $name in $(( $(date +%s) - t0 )) s wall"
+  cp "$RUNS/$name/quantize_report.json" "$RESULTS/$name.quantize.json"
+  cp "$RUNS/$name/quantize_summary.txt" "$RESULTS/$name.summary.txt"
+}
+
+# evaluate NAME [MODEL]: perplexity + PIQA of $RUNS/NAME (or of MODEL)
+evaluate() {
+  local name=$1 model=${2:-$RUNS/$1}
+  if [[ -f "$RESULTS/$name.eval.json" ]]; then log "skip eval $name"; return; fi
+  local margs=(--model "$model"); [[ "$model" == default ]] && margs=()
+  log "eval $name: $TACQ eval ${margs[*]} $EVAL"
+  $TACQ eval "${margs[@]}" $EVAL --json "$RESULTS/$name.eval.json" > "$RESULTS/$name.eval.log" 2>&1
+  log "done eval $name"
+}
+
+chain_fp() {
+  evaluate unquantized default   # fp32 weights dequantized from the GGUF: the reference
+}
+
+chain_bits() {
+  local b=$1
+  quantize "rtn$b" --method rtn --bits "$b" --calib "$WIKI";                      evaluate "rtn$b"
+  quantize "gptq$b" --method gptq --bits "$b" --calib "$WIKI";                    evaluate "gptq$b"
+  quantize "tacq$b" --method tacq --bits "$b" --calib "$WIKI" \
+      --corrupt-from "$RUNS/gptq$b" --grad-cache "$RUNS/grad_wiki.safetensors";   evaluate "tacq$b"
+  quantize "gptq${b}_piqa" --method gptq --bits "$b" --calib "$PIQA";             evaluate "gptq${b}_piqa"
+  quantize "tacq${b}_piqa" --method tacq --bits "$b" --calib "$PIQA" \
+      --corrupt-from "$RUNS/gptq${b}_piqa" --grad-cache "$RUNS/grad_piqa.safetensors"; evaluate "tacq${b}_piqa"
+  quantize "claq$b" --method claq --bits "$b" --calib "$WIKI";                    evaluate "claq$b"
+  local fr
+  if [[ $b == 2 ]]; then fr="2.1 2.2"; else fr="3.1"; fi
+  for x in $fr; do
+    quantize "claq$x" --method claq --bits "$x" --calib "$WIKI";                  evaluate "claq$x"
+  done
+  local first=${fr%% *}
+  quantize "claq${first}_or" --method claq --bits "$first" --reserve-outliers --calib "$WIKI"; evaluate "claq${first}_or"
+}
+
+case "${1:-all}" in
+  fp) chain_fp ;;
+  2bit) chain_bits 2 ;;
+  3bit) chain_bits 3 ;;
+  all) chain_fp; chain_bits 2; chain_bits 3 ;;
+  *) echo "usage: $0 [fp|2bit|3bit|all]" >&2; exit 2 ;;
+esac
+log "chain ${1:-all} finished"
