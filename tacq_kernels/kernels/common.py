@@ -48,15 +48,18 @@ def load_words(q2_ptr, q1_ptr, q4_ptr, chunk_start, rr, mask_r, offs_n, mask_n, 
     to K row chunk_start + r*16 + t (two 2-bit words share one 1-bit word); otherwise hi = lo.
     """
     mask = mask_r[:, None] & mask_n[None, :]
+    # As uint32, shifts are logical: no sign extension to undo when extracting fields.
     if BITS == 4:
         lo = tl.load(q4_ptr + (chunk_start // 8 + rr)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        lo = lo.to(tl.uint32, bitcast=True)
         hi = lo
     else:
         lo = tl.load(q2_ptr + (chunk_start // 16 + rr)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        lo = lo.to(tl.uint32, bitcast=True)
         hi = lo
         if BITS == 3:
             hi = tl.load(q1_ptr + (chunk_start // 32 + rr // 2)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-            hi = hi >> ((rr % 2) * 16)[:, None]
+            hi = hi.to(tl.uint32, bitcast=True) >> ((rr % 2) * 16).to(tl.uint32)[:, None]
     return lo, hi
 
 

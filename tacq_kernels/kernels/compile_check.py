@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 
 from ..format import SegmentSpec
-from .common import group_mode
+from .common import group_mode, splitk_reduce_kernel
 from .gemm import candidates as gemm_candidates
 from .gemm import gemm_kernel
 from .gemv import candidates as gemv_candidates
@@ -145,6 +145,7 @@ def gemm_jobs(m: int, seg: SegmentSpec, x_dtype, quick: bool):
 
 
 def prefill_jobs(seg: SegmentSpec, x_dtype):
+    """The prefill path's dequantize and fold kernels, and the split-K reduction."""
     f16, i32 = _probe(torch.float16), _probe(torch.int32)
     args = dict(perm_ptr=i32, q2_ptr=i32, q1_ptr=i32, q4_ptr=i32, scale_ptr=f16, zero_ptr=f16, lut_ptr=f16,
                 wt_ptr=_probe(x_dtype), N=N, K_SEG=seg.k, SEG_START=0, GROUP_SIZE=seg.group_size or 1)
@@ -153,6 +154,8 @@ def prefill_jobs(seg: SegmentSpec, x_dtype):
     yield dequant_kernel, args, cx, 4, 2, "dequant"
     fold_args = dict(row_ptr_ptr=i32, col_ptr=_probe(torch.int16), val_ptr=f16, wt_ptr=_probe(x_dtype), N=N)
     yield csr_fold_kernel, fold_args, dict(BLOCK_N=FOLD_BLOCK_N), 4, 2, "csr_fold"
+    reduce_args = dict(part_ptr=_probe(torch.float32), bias_ptr=f16, out_ptr=_probe(x_dtype), P=4, MN=7 * N, N=N)
+    yield splitk_reduce_kernel, reduce_args, dict(HAS_BIAS=True, BLOCK=1024), 4, 2, "splitk_reduce"
 
 
 SEGMENTS = [(bits, "affine", group) for bits in (2, 3, 4) for group in ("row", "g128", "g48")] + [

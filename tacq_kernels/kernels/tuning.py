@@ -70,13 +70,21 @@ def pick(key: Hashable, candidates: Sequence[Config], bench: Callable[[Config], 
     import triton
     from triton.testing import do_bench
 
-    compile_errors = (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError)
+    compile_errors = tuple(
+        getattr(module, name)
+        for module, name in [
+            (triton.runtime.errors, "OutOfResources"),  # shared memory or registers beyond this GPU's
+            (triton.runtime.errors, "PTXASError"),
+            (triton.compiler.errors, "CompilationError"),
+        ]
+        if hasattr(module, name)
+    )
     best, best_ms = None, math.inf
     for cfg in candidates:
         try:
             ms = do_bench(lambda: bench(cfg), warmup=5, rep=25)
         except compile_errors:
-            continue  # a config that does not fit this GPU (shared memory, registers)
+            continue  # a config this GPU cannot run; the others compete
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
