@@ -122,3 +122,21 @@ def test_real_data_splits(data_dir):
     whole, first, second = text_of(spec, "all"), text_of(spec, "calib"), text_of(spec, "eval")
     assert whole == first + "\n\n" + second  # the two halves are the joined text cut at one row
     assert whole.startswith("\n\n = Robert Boulter = \n")  # GPTQ join: row "" first, then the title
+
+
+def test_evaluation_reads_the_complementary_half(tmp_path):
+    from tacq_quant.evaluate import perplexity
+    from tacq_quant.tiny import tiny_llama
+
+    p = tmp_path / "wiki.test.raw"
+    p.write_text("".join(f" = Title {i} = \n \n Some text number {i} .\n" for i in range(60)))
+    tok = byte_tokenizer()
+    spec = "wikitext2:" + str(p)
+    calib = load_calibration(spec, tok, nsamples=3, seqlen=16)
+    assert calib.spec.endswith("@calib")
+    res = perplexity(tiny_llama(), tok, spec, seqlen=16, progress=False)
+    assert res["source"].endswith("@eval")
+    second_half = text_of(parse_spec(spec), "eval")
+    assert res["windows_available"] == len(tok(second_half)["input_ids"]) // 16
+    res_all = perplexity(tiny_llama(), tok, spec + "@all", seqlen=16, max_windows=2, progress=False)
+    assert res_all["source"].endswith("@all") and res_all["windows"] == 2

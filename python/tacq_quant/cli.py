@@ -331,7 +331,9 @@ def inspect_checkpoint(path: str, verify: bool = False) -> dict:
     if verify:
         load_layers(path, qc)
     layers, totals = [], {"numel": 0, "code_bits": 0.0, "bytes": 0, "nnz": 0}
-    for name, spec in specs.items():
+    # config.json may hold the layers in sorted-key order: list them in model order (layer 2 before 10)
+    natural = lambda name: [int(p) if p.isdigit() else p for p in name.split(".")]  # noqa: E731
+    for name, spec in sorted(specs.items(), key=lambda kv: natural(kv[0])):
         bpw = spec.bits_per_weight()
         nbytes = bpw["total"] * spec.numel / 8
         layers.append({"name": name, "out_features": spec.out_features, "in_features": spec.in_features,
