@@ -120,6 +120,17 @@ def test_console_script_and_module_exit_status(tmp_path):
     assert proc.returncode == 0 and "quantize" in proc.stdout and "inspect" in proc.stdout
 
 
-def test_subcommand_registry_leaves_room_for_more():
+def test_subcommand_registry_leaves_room_for_more(capsys):
+    from tacq_quant import cli
+
     assert list(SUBCOMMANDS)[:3] == ["quantize", "eval", "inspect"]
-    assert os.path.basename(sys.executable)  # the registry is a dict of name -> Subcommand
+    seen = {}
+    cli.register_subcommand("echo-test", "test only", lambda p: p.add_argument("word"),
+                            lambda args: seen.setdefault("word", args.word) and 0)
+    try:
+        assert main(["echo-test", "hello"]) == 0 and seen["word"] == "hello"
+        with pytest.raises(ValueError):
+            cli.register_subcommand("echo-test", "again", lambda p: None, lambda a: 0)
+    finally:
+        del SUBCOMMANDS["echo-test"]
+    assert os.path.basename(sys.executable)

@@ -1,8 +1,8 @@
 """The ``tacq`` command line: ``tacq quantize``, ``tacq eval``, ``tacq inspect``.
 
-Subcommands live in a registry (:func:`register_subcommand`): a later subcommand (e.g.
+Subcommands live in a registry (:func:`register_subcommand`): a further subcommand (e.g.
 ``generate``) is one function that adds its arguments, one that runs it, and one
-``register_subcommand`` call in its own module, imported in :data:`SUBCOMMAND_MODULES`.
+``register_subcommand`` call in its own module, listed in :data:`SUBCOMMAND_MODULES`.
 
 User errors (bad arguments, unreadable data, a model that cannot be found, a corrupt checkpoint)
 print one line ``tacq: error: ...`` on stderr and exit with status 2. Anything else is a bug and
@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-#: modules that register extra subcommands when imported (none yet; e.g. "tacq_quant.generate")
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+#: modules that register extra subcommands when imported; one that is not installed is skipped,
+#: one that fails to import is reported in a warning line (the other subcommands keep working)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tacq_quant.generate",)
 
 
 class CliError(Exception):
@@ -386,8 +387,16 @@ register_subcommand("inspect", "layers, bits, nnz and bytes of a checkpoint", _a
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import importlib.util
+
     for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module)
+        if module in sys.modules or importlib.util.find_spec(module) is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # a broken optional subcommand must not take quantize/eval down
+            print(f"tacq: warning: subcommand module {module} failed to load: {type(e).__name__}: {e}",
+                  file=sys.stderr)
     parser = _Parser(prog="tacq", description="TACQ / CLAQ / GPTQ / RTN quantizer for tacq-kernels checkpoints")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for sc in SUBCOMMANDS.values():
