@@ -239,6 +239,9 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
     info["seconds"] = time.perf_counter() - t0
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        save_file({k: v.contiguous() for k, v in grads.items()}, cache_path, metadata={"fingerprint": fp})
+        # write then rename: a concurrent run never reads a half-written cache
+        tmp = f"{cache_path}.tmp{os.getpid()}"
+        save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata={"fingerprint": fp})
+        os.replace(tmp, cache_path)
         info["cache"] = info["cache"] or "written"
     return grads, info
