@@ -1,17 +1,19 @@
-"""Pieces shared by the kernels: bit-plane decoding, the fused CSR walk, the split-K reduction.
+"""Pieces shared by the kernels: bit-plane decoding, the fused CSR walk, the split-K protocol.
 
 Everything here reads the canonical format-v1 layout in place (docs/format.md): a w-bit plane is
 int32 [K_pad * w / 32, N], N fastest, word ``r`` of column ``n`` holding the codes of K rows
-``r * 32/w .. r * 32/w + 32/w - 1`` little-endian. Kernels walk K in chunks of BLOCK_K rows with
-BLOCK_K a multiple of 32 and chunk starts at multiples of BLOCK_K, so the code of local row ``kk``
-of a chunk sits in word row ``chunk_start * w / 32 + kk // (32/w)`` at bit ``(kk % (32/w)) * w``:
-the shifts depend only on ``tl.arange`` and are compile-time constants.
+``r * 32/w .. r * 32/w + 32/w - 1`` little-endian. Kernels walk K in chunks of BLOCK_K rows,
+BLOCK_K a multiple of 32 and chunks starting at multiples of BLOCK_K. With VPW = 16 codes per
+word of the 2-bit plane (8 for the 4-bit plane), K row ``chunk_start + r*VPW + t`` is bit-field
+``t`` of word row ``chunk_start / VPW + r``: the field offsets depend on ``t`` only and are
+compile-time constants. For 3-bit codes, the matching 1-bit plane word is row
+``chunk_start / 32 + r // 2``, bit ``16 * (r % 2) + t`` (see :func:`load_words`).
 
-Note for readers of the kernels: they never do arithmetic on bf16 values; loads are converted to
-fp32 first. That is what the GPU wants anyway, and Triton's interpreter (the CPU test path) stores
-bf16 as raw uint16 and does not support bf16 arithmetic or bf16 ``tl.dot`` (triton-lang/triton
-#11584), so the kernels take a ``DOT_FP32`` switch that the launchers set only under the
-interpreter (and for fp32 activations).
+Note for readers of the kernels: apart from ``tl.dot`` operands they never compute on fp16/bf16
+values; loads are converted to fp32 first (the accumulation is fp32 anyway). Triton's interpreter
+(the CPU test path) stores bf16 as raw uint16 and supports neither bf16 arithmetic nor a bf16
+``tl.dot`` (triton-lang/triton#11584), so the GEMM takes a ``DOT_FP32`` switch that the launcher
+sets only under the interpreter (and for fp32 activations).
 """
 
 from __future__ import annotations

@@ -113,9 +113,12 @@ def _layer_args(x_dtype):
 def gemv_jobs(m: int, seg: SegmentSpec, x_dtype, quick: bool):
     """(kernel, args, constexprs, num_warps, num_stages, label) for each GEMV candidate."""
     cands = gemv_candidates(m, N, seg, sms=132)
+    seen = set()
     for cfg in cands[:1] if quick else cands:
-        if cfg["SPLIT_K"] != cands[0]["SPLIT_K"]:
-            continue  # the split count is a runtime grid dimension only; one compile per tile
+        tile = (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"])
+        if tile in seen:
+            continue  # other split counts of a tile change only a loop step: one compile per tile
+        seen.add(tile)
         args = dict(x_ptr=_probe(x_dtype), perm_ptr=_probe(torch.int32), **_layer_args(x_dtype), M=m, N=N,
                     K_SEG=seg.k, SEG_START=0, GROUP_SIZE=seg.group_size or 1, stride_xm=K, prev_slices=0)
         block_m = triton.next_power_of_2(m)

@@ -58,7 +58,7 @@ TILES_WIDE_LUT = [
     (16, 128, 32, 4, 3), (16, 64, 32, 4, 3),
     (32, 128, 32, 4, 3), (32, 64, 32, 4, 3),
     (64, 128, 32, 4, 4), (64, 64, 32, 4, 3), (64, 256, 32, 8, 3),
-    (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 3),  # (128, 128, 32, 8, 3) spills 264 B for 4-bit tables on sm_90
 ]
 MAX_WORKSPACE_BYTES = 64 << 20  # split-K slices beyond this cost more traffic than they save
 
@@ -71,8 +71,11 @@ def candidates(m: int, n: int, seg: SegmentSpec, sms: int) -> list[dict]:
     # Largest BLOCK_M first: the default then reads each weight tile for as many rows as it can.
     tiles = sorted((t for t in tiles if block_m_min <= t[0] <= block_m_max), key=lambda t: -t[0])
     if seg.decoder == "affine" and seg.group_size < seg.k:
-        # Prefer BLOCK_K dividing the group (scale/zero once per chunk, not per K row).
-        tiles = [t for t in tiles if seg.group_size % t[2] == 0] or tiles
+        # Prefer BLOCK_K dividing the group (scale/zero once per chunk, not per K row). Otherwise
+        # scale and zero are gathered per element and staged through shared memory like the
+        # codes: tiles over 8192 elements then need 170-185 KB, more than an A100 has.
+        dividing = [t for t in tiles if seg.group_size % t[2] == 0]
+        tiles = dividing or [t for t in tiles if t[1] * t[2] <= 8192]
     out = []
     for block_m, block_n, block_k, warps, stages in tiles:
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -191,7 +194,9 @@ def gemm(x: torch.Tensor, layer: PackedLayer, out: torch.Tensor | None = None, *
     """y = x @ (dequant(D) + S)^T + bias with the fused dequantize + ``tl.dot`` kernel, any M.
 
     ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) forces one config for
-    every segment, skipping tuning. Returns ``out``.
+    every segment, skipping tuning. Returns ``out``. fp32 x works but is meant for tests: on a GPU
+    its ``tl.dot`` runs at IEEE precision on CUDA cores and these tiles spill registers, which is
+    why :func:`tacq_kernels.kernels.linear` sends fp32 activations with M > 8 to ``prefill``.
     """
     out = check_call(x, layer, out, "gemm")
     m, n = x.shape[0], layer.spec.out_features
