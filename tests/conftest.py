@@ -22,3 +22,13 @@ def data_dir():
     if not os.path.isdir(path):
         pytest.skip(f"offline evaluation data not found at {path} (set TACQ_DATA)")
     return os.path.abspath(path)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: the quantizer tests run many small ops, and on a shared
+    2-core CI machine extra threads only wait for busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -103,6 +103,26 @@ def case_layer(name, n, k, m, dtype, seed=0):
                 outlier_frac=frac, bias=bias)
 
 
+@pytest.mark.parametrize(
+    "kernel,case,m,n,dtype",
+    [
+        (gemv, "3b-affine-row-perm-outliers-bias", 1, 136, torch.bfloat16),
+        (gemv, "4b-lut-perm-outliers", 1, 136, torch.bfloat16),
+        (gemv, "claq-2b+4b-lut-perm-outliers", 7, 136, torch.bfloat16),
+        (gemv, "3b-affine-g128-perm", 7, 136, torch.float32),
+        (gemv, "2b-lut-outliers", 2, 136, torch.float32),
+        (gemm, "3b-affine-row-perm-outliers-bias", 33, 100, torch.bfloat16),
+        (gemm, "claq-2b+4b-lut-perm-outliers", 20, 100, torch.bfloat16),
+        (gemm, "4b-affine-g64-outliers", 17, 100, torch.float32),
+    ],
+    ids=lambda v: getattr(v, "__name__", None) or str(v).replace("torch.", ""),
+)
+def test_kernel_dtypes(kernel, case, m, n, dtype):
+    """bf16 and fp32 activations (the case tests run fp16) through both Triton kernels."""
+    x, layer = case_layer(case, n, 576, m, dtype, seed=3 if kernel is gemv else 12)
+    check(kernel, x, layer)
+
+
 # ----------------------------------------------------------------------------------------------
 # Small batch: split-K GEMV
 # ----------------------------------------------------------------------------------------------
@@ -112,21 +132,6 @@ def case_layer(name, n, k, m, dtype, seed=0):
 @pytest.mark.parametrize("m", [1, 3])
 def test_gemv_cases(case, m):
     x, layer = case_layer(case, 200, 576, m, torch.float16, seed=m)
-    check(gemv, x, layer)
-
-
-@pytest.mark.parametrize(
-    "case,m,dtype",
-    [
-        ("3b-affine-row-perm-outliers-bias", 1, torch.bfloat16),
-        ("4b-lut-perm-outliers", 1, torch.bfloat16),
-        ("claq-2b+4b-lut-perm-outliers", 7, torch.bfloat16),
-        ("3b-affine-g128-perm", 7, torch.float32),
-        ("2b-lut-outliers", 2, torch.float32),
-    ],
-)
-def test_gemv_dtypes(case, m, dtype):
-    x, layer = case_layer(case, 136, 576, m, dtype, seed=3)
     check(gemv, x, layer)
 
 
@@ -180,19 +185,6 @@ def test_gemv_rows_without_and_with_many_outliers():
 @pytest.mark.parametrize("case", list(CASES))
 def test_gemm_cases(case):
     x, layer = case_layer(case, 136, 576, 16, torch.float16, seed=11)
-    check(gemm, x, layer)
-
-
-@pytest.mark.parametrize(
-    "case,m,dtype",
-    [
-        ("3b-affine-row-perm-outliers-bias", 33, torch.bfloat16),
-        ("claq-2b+4b-lut-perm-outliers", 20, torch.bfloat16),
-        ("4b-affine-g64-outliers", 17, torch.float32),
-    ],
-)
-def test_gemm_dtypes(case, m, dtype):
-    x, layer = case_layer(case, 100, 576, m, dtype, seed=12)
     check(gemm, x, layer)
 
 

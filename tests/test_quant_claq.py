@@ -12,12 +12,7 @@ from tacq_quant.gptq import HessianAccumulator, gptq_quantize
 from tacq_quant.kmeans import assign_nearest, kmeans_1d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_lloyd(values, centroids, max_iter=1000):

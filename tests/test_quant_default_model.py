@@ -18,15 +18,7 @@ from tacq_quant.export import save_quantized
 from tacq_quant.models import ModelNotFound, load_model
 from tacq_quant.pipeline import QuantizeConfig, quantize_model
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

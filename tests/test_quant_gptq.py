@@ -10,13 +10,7 @@ from tacq_quant.gptq import (AffineColumnQuantizer, HessianAccumulator, gptq_qua
 from tacq_quant.rtn import rtn_quantize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # many small ops: extra threads only wait for busy cores on a shared CI machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_problem(n_tokens=2048, k=64, n=48, seed=0):

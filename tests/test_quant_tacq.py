@@ -10,12 +10,7 @@ from tacq_quant.tacq import (accumulate_abs_gradients, cached_abs_gradients, kee
 from tacq_quant.tiny import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def samples_of_mixed_lengths(seed=0):
