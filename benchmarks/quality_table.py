@@ -5,6 +5,9 @@
 One row per run that has an evaluation: method, calibration, bits (weights only / all-inclusive),
 kept share, quantization time, WikiText-2 perplexity and PIQA accuracy. TACQ's time includes the
 GPTQ pass it took Q(W) from and its gradient pass (also when the gradients came from the cache).
+Time is given three ways: the whole quantization (calibration passes included; for RTN the pass
+only feeds the error report), the part spent inside the per-matrix quantizers, and the wall time
+of the command (model loading and saving included).
 """
 
 from __future__ import annotations
@@ -104,8 +107,9 @@ def main(results: str = "benchmarks/results/quality") -> str:
                     t = t - st.get("gradient_seconds", 0) + grad_seconds.get(q["method_args"]["calib"], 0)
                     note += "+grad"
             time_s = f"{t / 60:.1f} min" + (f" ({note.strip('+')} incl.)" if note else "")
+            time_s += f"; {q['quantize_seconds'] / 60:.1f} in quantizers"
             if n in walls:
-                time_s += f", {walls[n] / 60:.1f} wall"
+                time_s += f"; {walls[n] / 60:.1f} wall"
         else:
             bits, kept, time_s = "32 (fp32)", "-", "-"
         ppl_s = f"{ppl:.2f}" if ppl is not None else "-"
