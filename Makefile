@@ -1,7 +1,6 @@
 # Every target sets up its own virtual environment from nothing (.venv), then runs.
 #   make test            the test suite (CPU: Triton kernels run in the interpreter)
 #   make demo ARGS=...   quantize the default model, reload it, compare, generate
-#   make bench ARGS=...  kernel benchmarks (needs a CUDA GPU)
 # torch: a torch that `$(PYTHON)` can already import is kept (the venv sees it through
 # --system-site-packages); otherwise torch==2.13.0 is installed first, which on a machine with the
 # local CPU wheel takes that file instead of gigabytes of CUDA wheels.
@@ -12,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 ARGS ?=
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo clean
 
 venv: $(VENV)/.installed
 
@@ -34,9 +33,6 @@ test: venv
 
 demo: venv
 	$(PY) -m tacq_quant.demo $(ARGS)
-
-bench: venv
-	$(PY) benchmarks/bench_kernels.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
