@@ -94,13 +94,14 @@ def main(argv=None) -> int:
     from .data import CalibrationData
     from .export import save_quantized
     from .generate import generate
-    from .models import load_model
+    from .models import DEFAULT_MODEL_NAME, load_model
     from .pipeline import QuantizeConfig, quantize_model
 
     torch.manual_seed(args.seed)
     t_total = time.perf_counter()
     print("== 1. the unquantized model")
     model, tok = load_model(args.model)
+    model_name = DEFAULT_MODEL_NAME if args.model is None else os.path.basename(os.path.normpath(args.model))
     fp_model = copy.deepcopy(model)
 
     print(f"== 2. calibration: {args.nsamples} + {args.heldout} held-out sequences of {args.seqlen} tokens sampled "
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
                  f"{fp_gen.tokens_per_second:.1f}", f"{q_gen.tokens_per_second:.1f}"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "unquantized", "")])
-    print(f"\nSmolLM2-135M-Instruct: {n_quant} linear layers quantized with TACQ {args.bits}-bit in "
+    print(f"\n{model_name}: {n_quant} linear layers quantized with TACQ {args.bits}-bit in "
           f"{quant_seconds / 60:.1f} min; checkpoint {args.out}")
     print(f"{'':{w0}}  {'unquantized':{w1}}  TACQ {args.bits}-bit")
     for name, a, b in rows:
