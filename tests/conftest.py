@@ -15,10 +15,27 @@ settings.register_profile("ci", deadline=None, max_examples=40, suppress_health_
 settings.load_profile("ci")
 
 
+def offline_data_path() -> str:
+    return os.environ.get("TACQ_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture
+def english_text(tmp_path):
+    """A calibration/perplexity spec: WikiText-2 when the offline data is there; otherwise this
+    repository's own docs as a plain text file, so that a test runs wherever the model is."""
+    raw = os.path.join(offline_data_path(), "wikitext-2-raw", "wiki.test.raw")
+    if os.path.exists(raw):
+        return "wikitext2:" + raw
+    docs = os.path.join(os.path.dirname(__file__), "..", "docs")
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(open(os.path.join(docs, f)).read() for f in sorted(os.listdir(docs))))
+    return str(path)
+
+
 @pytest.fixture
 def data_dir():
     """The offline evaluation data (../shared/data or $TACQ_DATA); tests skip when it is absent."""
-    path = os.environ.get("TACQ_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+    path = offline_data_path()
     if not os.path.isdir(path):
         pytest.skip(f"offline evaluation data not found at {path} (set TACQ_DATA)")
     return os.path.abspath(path)

@@ -6,7 +6,6 @@ that the checkpoint reloads to the same logits, not the quality (see docs/result
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -29,9 +28,9 @@ def default_model():
         pytest.skip(f"default model not installed: {e}")
 
 
-def test_tacq_on_the_default_model_end_to_end(default_model, data_dir, tmp_path):
+def test_tacq_on_the_default_model_end_to_end(default_model, english_text, tmp_path):
     model, tok = default_model
-    wiki = "wikitext2:" + os.path.join(data_dir, "wikitext-2-raw", "wiki.test.raw")
+    wiki = english_text
     calib = load_calibration(wiki, tok, nsamples=4, seqlen=64, seed=0)
     cfg = QuantizeConfig("tacq", 3, outlier_frac=0.0035, clip_search=False)
     out = quantize_model(model, calib, cfg, progress=False, log=lambda *_: None)

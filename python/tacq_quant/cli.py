@@ -12,7 +12,6 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
