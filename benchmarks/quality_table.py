@@ -20,7 +20,7 @@ import sys
 ORDER = ["unquantized",
          "rtn2", "gptq2", "tacq2", "gptq2_piqa", "tacq2_piqa", "claq2", "claq2.1", "claq2.2", "claq2.1_or",
          "rtn3", "gptq3", "tacq3", "gptq3_piqa", "tacq3_piqa", "claq3", "claq3.1", "claq3.1_or",
-         "gptq2_g128", "tacq2_qal", "tacq2_magnitude", "gptq3_g128"]
+         "tacq2_magnitude", "tacq2_msg", "tacq2_qal", "gptq2_g128", "gptq3_g128"]
 
 
 def load(path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|all]      (default: all; chains can run in parallel)
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|all]   (default: all; chains can run in parallel;
+#                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
 # RESULTS (logs and JSON, default benchmarks/results/quality), THREADS (torch threads per process, default 1:
@@ -73,11 +74,29 @@ chain_bits() {
   quantize "claq${first}_or" --method claq --bits "$first" --reserve-outliers --calib "$WIKI"; evaluate "claq${first}_or"
 }
 
+# ablations at 2 bits, where the methods differ most: which part of TACQ's score matters
+# (the same gradients, Q(W) and budget; only the ranking changes)
+chain_saliency() {
+  local s
+  for s in magnitude msg qal; do
+    quantize "tacq2_$s" --method tacq --bits 2 --saliency "$s" --calib "$WIKI" \
+        --corrupt-from "$RUNS/gptq2" --grad-cache "$RUNS/grad_wiki.safetensors"; evaluate "tacq2_$s"
+  done
+}
+
+# GPTQ with a scale per 128 weights instead of per row: the usual stronger baseline, with its bits
+chain_groups() {
+  quantize gptq2_g128 --method gptq --bits 2 --group-size 128 --calib "$WIKI";     evaluate gptq2_g128
+  quantize gptq3_g128 --method gptq --bits 3 --group-size 128 --calib "$WIKI";     evaluate gptq3_g128
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
   3bit) chain_bits 3 ;;
-  all) chain_fp; chain_bits 2; chain_bits 3 ;;
-  *) echo "usage: $0 [fp|2bit|3bit|all]" >&2; exit 2 ;;
+  saliency) chain_saliency ;;
+  groups) chain_groups ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups ;;
+  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
