@@ -29,8 +29,8 @@ def build_inputs(tokenizer, prompt: str, chat: bool = True):
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
-    ids = tokenizer(prompt, return_tensors="pt")
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")
     # only these two: some tokenizers add token_type_ids, which generate() of transformers 4.x refuses
     return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
 
