@@ -64,6 +64,27 @@ def test_generate_command_streams_the_greedy_answer(tmp_path, capsys):
     assert f"[{expected.new_tokens} tokens in" in out and "tokens/s on cpu]" in out
 
 
-def test_generate_command_rejects_bad_arguments(capsys):
-    assert tacq_main(["generate", "--prompt", "x", "--max-new-tokens", "0"]) == 2
-    assert "tacq: error: --max-new-tokens must be positive" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (["--max-new-tokens", "0"], "expected a positive integer, got 0"),
+        (["--device", "bogus"], "--device 'bogus'"),
+        (["--model", "/nonexistent/ckpt"], "--model /nonexistent/ckpt: no such file or directory"),
+    ]
+    + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []),
+)
+def test_generate_command_rejects_bad_arguments(argv, fragment, capsys):
+    assert tacq_main(["generate", "--prompt", "x", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "tacq: error:" in err and fragment in err and "Traceback" not in err
+
+
+def test_demo_refuses_to_replace_what_is_not_a_checkpoint(tmp_path, capsys):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(precious)])
+    assert e.value.code == 2
+    assert "is not an empty directory or a tacq-kernels checkpoint" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import shutil
 import sys
@@ -52,20 +53,16 @@ def sample_from_model(model, tokenizer, n: int, seqlen: int, seed: int, batch_si
     return torch.cat(out)
 
 
-@torch.inference_mode()
 def agreement_and_ppl(model, windows: torch.Tensor, reference_top1: torch.Tensor | None = None):
     """Perplexity on ``windows`` and the next-token argmax (for agreement with another model)."""
-    import torch.nn.functional as F
+    from .evaluate import windows_nll
 
-    nll, count, tops = 0.0, 0, []
-    for x in windows.split(8):
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
-        count += x[:, 1:].numel()
-        tops.append(logits.argmax(-1))
+    tops = []
+    nll, count = windows_nll(model, windows, batch_size=8,
+                             on_logits=lambda logits: tops.append(logits[:, :-1].argmax(-1).cpu()))
     top1 = torch.cat(tops)
     agree = None if reference_top1 is None else float((top1 == reference_top1).float().mean())
-    return float(torch.exp(torch.tensor(nll / count))), top1, agree
+    return math.exp(nll / count), top1, agree
 
 
 def dir_size(path: str) -> int:
@@ -82,11 +79,21 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--heldout", type=int, default=8, help="held-out sampled sequences for the quality figures")
     p.add_argument("--wikitext", default=None, help="also report WikiText-2 perplexity on this raw text file")
-    p.add_argument("--out", default="runs/demo", help="where the quantized checkpoint is written")
+    p.add_argument("--out", default="runs/demo",
+                   help="where the quantized checkpoint is written (replaced if it is an earlier checkpoint; "
+                        "any other non-empty directory is refused)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from .models import is_quantized_checkpoint
+
+    # checked before minutes of work, and never delete what is not ours to replace
+    if os.path.exists(args.out) and not (
+        (os.path.isdir(args.out) and not os.listdir(args.out)) or is_quantized_checkpoint(args.out)
+    ):
+        p.error(f"--out {args.out} exists and is not an empty directory or a tacq-kernels checkpoint; "
+                "choose another --out")
 
     import tacq_kernels
     from transformers import AutoModelForCausalLM

@@ -44,8 +44,6 @@ def perplexity(
     progress: bool = True,
 ) -> dict:
     """Perplexity of ``model`` on the text source ``spec`` (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     src = parse_spec(spec)
     if src.kind in ("piqa", "gsm8k", "jsonl"):
         raise DataError(f"perplexity needs a text source (text:, wikitext2:, hf: or a path), got {src.kind}:")
@@ -56,23 +54,37 @@ def perplexity(
         raise DataError(f"{src.describe('eval')} has {ids.numel()} tokens, fewer than one window of {seqlen}")
     n = available if not max_windows else min(available, max_windows)
     windows = ids[: n * seqlen].reshape(n, seqlen)
-    device = _device_of(model)
-    nll_sum, count = 0.0, 0
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for b in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch", disable=not progress, dynamic_ncols=True):
-            x = windows[b:b + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
-                                   reduction="sum")
-            nll_sum += float(loss)
-            count += x[:, 1:].numel()
+    nll_sum, count = windows_nll(model, windows, batch_size, progress)
     nll = nll_sum / count
     protocol = (f"{src.describe('eval')}: {ids.numel():,} tokens, non-overlapping windows of {seqlen} tokens, "
                 f"{n} of {available} windows, {count:,} predicted tokens")
     return {"ppl": math.exp(nll), "nll": nll, "source": src.describe("eval"), "seqlen": seqlen, "windows": n,
             "windows_available": available, "tokens_predicted": count, "seconds": time.perf_counter() - t0,
             "protocol": protocol}
+
+
+def windows_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+                on_logits=None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of ``windows`` [n, L] (token ids, each window on
+    its own, no cache) and the number of predicted tokens, n * (L - 1). ``on_logits(logits)`` sees
+    each batch's logits [b, L, vocab]."""
+    from tqdm.auto import tqdm
+
+    device = _device_of(model)
+    nll_sum, count = 0.0, 0
+    with torch.no_grad():
+        for b in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+            x = windows[b:b + batch_size].to(device)
+            logits = model(input_ids=x, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                   reduction="sum")
+            nll_sum += float(loss)
+            count += x[:, 1:].numel()
+            if on_logits is not None:
+                on_logits(logits)
+    return nll_sum, count
 
 
 def task_items(spec: str, limit: int | None = None) -> tuple[list[ChoiceItem], str]:

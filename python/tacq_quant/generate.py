@@ -19,10 +19,6 @@ class GenerationResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_inputs(tokenizer, prompt: str, chat: bool = True):
     """Token ids for ``prompt``, wrapped in the tokenizer's chat template when it has one."""
     if chat and getattr(tokenizer, "chat_template", None):
@@ -72,24 +68,24 @@ def generate(
 
 
 def add_arguments(p) -> None:
+    from .cli import _positive_int
+
     p.add_argument("--model", default=None, help="checkpoint dir, HF dir/hub id or .gguf (default: the default model)")
     p.add_argument("--prompt", required=True, help="the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
 def run(args) -> int:
+    from .cli import _check_model_arg, _device
     from .models import load_model
 
-    from .cli import CliError
-
-    if args.max_new_tokens <= 0:
-        raise CliError("--max-new-tokens must be positive")
-    device = args.device or default_device()
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    device = _device(args.device)
+    _check_model_arg(args.model)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
     result = generate(
         model, tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat, temperature=args.temperature,
         stream=True,
