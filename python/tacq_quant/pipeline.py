@@ -78,6 +78,11 @@ class QuantizeConfig:
             raise ConfigError(f"--blocksize must be positive, got {self.blocksize}")
         if self.saliency not in SALIENCY_KINDS:
             raise ConfigError(f"--saliency must be one of {', '.join(SALIENCY_KINDS)}, got {self.saliency!r}")
+        # an input the chosen score never reads is a mistake in the run's set-up, not something to ignore
+        if self.corrupt_from and self.saliency in ("msg", "magnitude"):
+            raise ConfigError(f"--saliency {self.saliency} does not use Q(W); drop --corrupt-from")
+        if self.grad_cache and self.saliency == "magnitude":
+            raise ConfigError("--saliency magnitude uses no gradients; drop --grad-cache")
         if self.kmeans_init not in ("kmeans++", "quantile"):
             raise ConfigError(f"--kmeans-init must be kmeans++ or quantile, got {self.kmeans_init!r}")
 

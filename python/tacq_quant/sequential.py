@@ -91,13 +91,6 @@ def linear_names(layer: nn.Module) -> list[str]:
     return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
 
-def quantized_linear_names(model: nn.Module) -> list[str]:
-    """Full names of the linear layers the quantizer handles (every nn.Linear of every decoder
-    layer: q/k/v/o/gate/up/down for Llama; embeddings and lm_head are not included)."""
-    prefix, layers = find_decoder_layers(model)
-    return [f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in linear_names(layer)]
-
-
 def sequential_groups(layer: nn.Module, true_sequential: bool) -> list[list[str]]:
     names = linear_names(layer)
     if true_sequential and sorted(names) == sorted(n for g in LLAMA_SEQUENTIAL_GROUPS for n in g):

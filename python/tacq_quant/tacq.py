@@ -153,6 +153,8 @@ def saliency(weight: torch.Tensor, abs_grad: torch.Tensor | None, quantized: tor
     """The TACQ score ``|W| * G * |Q(W) - W|`` (fp32), or one of its parts for ablations:
     ``qal`` = ``G * |Q(W) - W|`` (quantization-aware localization), ``msg`` = ``|W| * G``
     (magnitude-sharpened gradient), ``magnitude`` = ``|W|`` (no data at all)."""
+    if kind not in SALIENCY_KINDS:
+        raise ValueError(f"unknown saliency {kind!r}; choose one of {SALIENCY_KINDS}")
     w = weight.to(torch.float32)
     if kind == "magnitude":
         return w.abs()
@@ -162,8 +164,6 @@ def saliency(weight: torch.Tensor, abs_grad: torch.Tensor | None, quantized: tor
     dq = (quantized.to(torch.float32) - w).abs()
     if kind == "qal":
         return g * dq
-    if kind != "tacq":
-        raise ValueError(f"unknown saliency {kind!r}; choose one of {SALIENCY_KINDS}")
     return w.abs() * g * dq
 
 
@@ -241,7 +241,11 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         # write then rename: a concurrent run never reads a half-written cache
         tmp = f"{cache_path}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata={"fingerprint": fp})
-        os.replace(tmp, cache_path)
+        try:
+            save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata={"fingerprint": fp})
+            os.replace(tmp, cache_path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         info["cache"] = info["cache"] or "written"
     return grads, info
