@@ -1,8 +1,8 @@
 """The ``tacq`` command line: ``tacq quantize``, ``tacq eval``, ``tacq inspect``.
 
-Subcommands live in a registry (:func:`register_subcommand`): a further subcommand (e.g.
-``generate``) is one function that adds its arguments, one that runs it, and one
-``register_subcommand`` call in its own module, listed in :data:`SUBCOMMAND_MODULES`.
+Subcommands live in a registry (:func:`register_subcommand`): a subcommand is one function that
+adds its arguments and one that runs it. ``generate`` lives in its own module, imported only when
+its parser is built or it runs.
 
 User errors (bad arguments, unreadable data, a model that cannot be found, a corrupt checkpoint)
 print one line ``tacq: error: ...`` on stderr and exit with status 2. Anything else is a bug and
@@ -18,11 +18,6 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
-
-#: modules that register extra subcommands when imported; one that is not installed is skipped,
-#: one that fails to import is reported in a warning line (the other subcommands keep working)
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tacq_quant.generate",)
-
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
@@ -386,17 +381,23 @@ register_subcommand("eval", "perplexity and multiple-choice accuracy of a model 
 register_subcommand("inspect", "layers, bits, nnz and bytes of a checkpoint", _add_inspect_args, _run_inspect)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib.util
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    from .generate import add_arguments
 
-    for module in SUBCOMMAND_MODULES:
-        if module in sys.modules or importlib.util.find_spec(module) is None:
-            continue
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # a broken optional subcommand must not take quantize/eval down
-            print(f"tacq: warning: subcommand module {module} failed to load: {type(e).__name__}: {e}",
-                  file=sys.stderr)
+    add_arguments(p)
+
+
+def _run_generate(args) -> int:
+    from .generate import run
+
+    return run(args)
+
+
+register_subcommand("generate", "generate text with a model or checkpoint, streaming tokens (GPU kernels when CUDA "
+                    "is present; on CPU the quantized layers run the reference path)", _add_generate_args, _run_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tacq", description="TACQ / CLAQ / GPTQ / RTN quantizer for tacq-kernels checkpoints")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for sc in SUBCOMMANDS.values():

@@ -66,8 +66,10 @@ def agreement_and_ppl(model, windows: torch.Tensor, reference_top1: torch.Tensor
 
 
 def dir_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-               if f.endswith(".safetensors"))
+    """Bytes of a checkpoint directory's safetensors files."""
+    from tacq_kernels.format import safetensors_files
+
+    return sum(os.path.getsize(f) for f in safetensors_files(path))
 
 
 def main(argv=None) -> int:

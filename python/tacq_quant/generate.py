@@ -92,18 +92,3 @@ def run(args) -> int:
     )
     print(f"\n[{result.new_tokens} tokens in {result.seconds:.2f} s, {result.tokens_per_second:.1f} tokens/s on {device}]")
     return 0
-
-
-def _register() -> None:
-    from .cli import register_subcommand
-
-    register_subcommand(
-        "generate",
-        "generate text with a model or checkpoint, streaming tokens (GPU kernels when CUDA is present; "
-        "on CPU the quantized layers run the reference path)",
-        add_arguments,
-        run,
-    )
-
-
-_register()
