@@ -388,11 +388,7 @@ def plot(records, path: str, title: str) -> str | None:
     ax.set_ylabel("tokens/s vs fp16")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return benchlib.save_figure(fig, path)
 
 
 COLUMNS = [("model", "model", ""), ("variant", "variant", ""), ("phase", "phase", ""), ("batch", "batch", "d"),

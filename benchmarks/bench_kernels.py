@@ -240,7 +240,7 @@ class Runner:
         once, then each (M, dtype, kernel)."""
         import torch
 
-        from tacq_kernels import kernels, reference
+        from tacq_kernels import reference
         from tacq_kernels.testing import random_layer
 
         dev = benchlib.device()
@@ -437,11 +437,7 @@ def plot(records, path: str, title: str) -> str | None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return benchlib.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -328,6 +328,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------------------------
 # The tuning plan: which configs tuning will time and which kernels it compiles, and how long
 # that takes (estimates; docs/benchmarks.md "How the GPU subset was sized")
