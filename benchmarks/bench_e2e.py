@@ -157,7 +157,11 @@ class GreedyDecoder:
         self.model, self.batch, self.max_len = model, batch, max_len
         dev, dtype = model.device, model.dtype
         self.neg = torch.finfo(dtype).min
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        try:
+            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        except TypeError:  # transformers before the lazily sized static cache
+            self.cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_len, device=dev,
+                                     dtype=dtype)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.mask = torch.full((batch, 1, 1, max_len), self.neg, dtype=dtype, device=dev)

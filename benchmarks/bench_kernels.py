@@ -557,6 +557,7 @@ def main(argv=None) -> int:
             break
         runner.run_group(n, k, layer_flavor, group, progress)
         benchlib.write_records(out, runner.records, benchlib.KERNEL_FIELDS)  # partial results survive a kill
+        benchlib.save_tuning(args.tuning_cache)
 
     benchlib.write_records(out, runner.records, benchlib.KERNEL_FIELDS)
     title = f"tacq_kernels: {gpu}, commit {commit}" + (" (DRY RUN: interpreter timings, meaningless)" if args.dry_run else "")
