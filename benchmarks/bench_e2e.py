@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     ap.add_argument("--png", help="plot path (default: the JSON path with .png)")
     ap.add_argument("--tuning-cache", help="load tuned configs from this file if it exists; save them there at the end")
     ap.add_argument("--verify-workers", type=int, help="processes that compile and check the candidate configs "
-                    "first (default: CPUs - 2, at most 12; 1 in a dry run; 0 skips the pass)")
+                    "first (default: CPUs - 2, at most 12; 0, skipping the pass, in a dry run)")
     args = ap.parse_args(argv)
     dry = args.dry_run
     defaults = dict(models="tiny" if dry else "llama3-8b,llama2-7b", batch="1,2" if dry else "1,8",
@@ -447,8 +447,9 @@ def main(argv=None) -> int:
         benchlib.setup(dry, "bench_e2e.py")
     elif dry:
         os.environ["TRITON_INTERPRET"] = "1"
-    workers = args.verify_workers if args.verify_workers is not None else (1 if dry else benchlib.default_workers(False))
-    the_plan, timed = plan(args)
+    # The dry run skips the verify pass (bench_kernels --dry-run tests it): the interpreter compiles nothing.
+    workers = args.verify_workers if args.verify_workers is not None else (0 if dry else benchlib.default_workers(False))
+    the_plan, _ = plan(args)
     est = benchlib.print_plan(the_plan, 0, max(1, workers), "e2e dry run" if dry else "e2e")
     print(f"  + model phases, estimated {estimate_phases(args):.0f} s (estimates: {PHASE_S}); total about "
           f"{est['total_s'] + estimate_phases(args):.0f} s", flush=True)
@@ -469,7 +470,7 @@ def main(argv=None) -> int:
     failures = []
     if workers > 0:
         step_end = benchlib.step_deadline()
-        results = benchlib.verify_configs(the_plan.jobs, workers, per_key_limit=1 if dry else None,
+        results = benchlib.verify_configs(the_plan.jobs, workers,
                                           deadline=None if step_end is None else time.time() + 0.3 * (step_end - time.time()))
         failures += [f"verify: {r['path']} M={r['m']} {r['flavor']} {r['config']}: {r['status']}"
                      for r in results if r["status"] in ("wrong", "error")]
@@ -521,7 +522,11 @@ def main(argv=None) -> int:
                 tps = tokens / (m["ms"] / 1e3)
                 if variant == "fp16":
                     fp16[(phase, batch)] = tps
-                base = fp16.get((phase, batch), tps)
+                if (phase, batch) not in fp16:
+                    failures.append(f"{name} {variant} {phase} b{batch}: {tps:.1f} tok/s, not recorded: its fp16 "
+                                    "baseline failed")
+                    continue
+                base = fp16[(phase, batch)]
                 rec = dict(model=name, variant=variant, bits=bits or 16, outlier_frac=OUTLIER_FRAC if bits else 0.0,
                            phase=phase, batch=batch, seq_len=seq, tokens_per_s=tps, ms_per_step=m["ms"],
                            fp16_tokens_per_s=base, speedup=tps / base, peak_mem_gib=m["peak"],

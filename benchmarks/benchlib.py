@@ -512,8 +512,7 @@ def _verify_one(job: dict) -> dict:
     return result
 
 
-def verify_configs(jobs: list[dict], workers: int, per_key_limit: int | None = None,
-                   deadline: float | None = None) -> list[dict]:
+def verify_configs(jobs: list[dict], workers: int, deadline: float | None = None) -> list[dict]:
     """Compile and check ``jobs`` (from :class:`Plan`) in ``workers`` processes sharing Triton's
     on-disk cache, so that the tuner later loads every kernel instead of compiling it serially.
     Stops waiting at ``deadline`` (epoch seconds; the rest then compiles during tuning). Prints
@@ -521,15 +520,6 @@ def verify_configs(jobs: list[dict], workers: int, per_key_limit: int | None = N
     import concurrent.futures
     import multiprocessing
 
-    if per_key_limit is not None:
-        counts: dict = {}
-        kept = []
-        for job in jobs:
-            key = (job["path"], job["m"], json.dumps(job["flavor"], sort_keys=True))
-            counts[key] = counts.get(key, 0) + 1
-            if counts[key] <= per_key_limit:
-                kept.append(job)
-        jobs = kept
     t0 = time.perf_counter()
     results = []
     if workers <= 1 or len(jobs) <= 1:
