@@ -149,6 +149,15 @@ main() {
   step install        120 "$PY" -m pip install $PIP_DRY -e . --no-deps --no-build-isolation
   # Correctness of the default configs at real shapes (untuned: the benchmarks check every config they tune).
   step gpu-tests      240 env TACQ_AUTOTUNE=0 "$PY" -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_kernels_gpu.py
+
+  # Short correctness steps go here, before the benchmarks (which fit themselves into the time left).
+  # One slot per open GPU question, each replaced by its own line(s), so that merges do not collide:
+  # (slot: issue 14, CUDA C++ GEMV: correctness test and timing)
+
+  # (slot: issue 13, slimmed decode loops: the asm variants' GPU test)
+
+  # (slot: issue 11, vLLM with tacq_kernels, TP=1)
+
   step bench-kernels  300 "$PY" benchmarks/bench_kernels.py --suite check $DRY_RUN --tuning-cache "$WORK/tuning.json" \
                           --out "$OUTDIR/kernels.json" --png "$OUTDIR/kernels.png"
   step bench-e2e      300 "$PY" benchmarks/bench_e2e.py $DRY_RUN --tuning-cache "$WORK/tuning.json" \

@@ -57,7 +57,9 @@ def test_dry_run_passes_every_step(dry_run):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     summary = load(out, "summary.json")
     assert summary["dry_run"] is True and summary["commit"] == "testcommit"
-    assert [s["name"] for s in summary["steps"]][:4] == ["install", "gpu-tests", "bench-kernels", "bench-e2e"]
+    names = [s["name"] for s in summary["steps"]]
+    ours = ["install", "gpu-tests", "bench-kernels", "bench-e2e"]  # other steps may run between them
+    assert [n for n in names if n in ours] == ours, names
     assert all(s["status"] == "pass" and s["exit"] == 0 for s in summary["steps"]), summary["steps"]
     assert summary["not_passed"] == []
     log = (out / "gpu_check.log").read_text()
