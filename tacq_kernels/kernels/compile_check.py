@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +33,7 @@ from .gemm import gemm_kernel
 from .gemv import candidates as gemv_candidates
 from .gemv import gemv_kernel
 from .prefill import DEQUANT_BLOCK_K, DEQUANT_BLOCK_N, FOLD_BLOCK_N, csr_fold_kernel, dequant_kernel
+from .sass import cuobjdump
 
 # A few spilled bytes (ptxas sometimes keeps one value in local memory, outside the hot loop) are
 # reported but not counted as a problem.
@@ -55,8 +54,9 @@ def _probe(dtype):
     return torch.empty(1, dtype=dtype)
 
 
-def compile_usage(fn, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> Usage:
-    """Compile ``fn`` for sm_<arch> as the JIT would specialise these arguments, and measure it.
+def compile_cubin(fn, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    """Compile ``fn`` for sm_<arch> as the JIT would specialise these arguments: (cubin bytes,
+    dynamic shared memory in bytes). The one compile path of this module and of ``sass_report``.
 
     Like the JIT: integers equal to 1 become constants, integers divisible by 16 and (16-byte
     aligned) pointers carry a divisibility hint.
@@ -83,15 +83,19 @@ def compile_usage(fn, args: dict, constexprs: dict, arch: int, num_warps: int, n
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     kernel = triton_compile(src, target=GPUTarget("cuda", arch, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        text = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
-                              check=True).stdout
+    return kernel.asm["cubin"], kernel.metadata.shared
+
+
+def cubin_usage(cubin: bytes, shared_bytes: int) -> Usage:
+    """Registers and spilled bytes of a cubin (``cuobjdump --dump-resource-usage``)."""
+    text = cuobjdump(cubin, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", text)
-    return Usage(int(found[1]), int(found[2]), kernel.metadata.shared)
+    return Usage(int(found[1]), int(found[2]), shared_bytes)
+
+
+def compile_usage(fn, args: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> Usage:
+    """Compile ``fn`` (see :func:`compile_cubin`) and measure its registers, spills, shared memory."""
+    return cubin_usage(*compile_cubin(fn, args, constexprs, arch, num_warps, num_stages))
 
 
 # Representative shapes: a Llama-7B-sized segment; only divisibility and constancy matter here.
@@ -110,7 +114,7 @@ def _layer_args(x_dtype):
                 part_ptr=_probe(torch.float32))
 
 
-def gemv_jobs(m: int, seg: SegmentSpec, x_dtype, quick: bool):
+def gemv_jobs(m: int, seg: SegmentSpec, x_dtype, quick: bool, has_perm: bool = True):
     """(kernel, args, constexprs, num_warps, num_stages, label) for each GEMV candidate."""
     cands = gemv_candidates(m, N, seg, sms=132)
     seen = set()
@@ -123,7 +127,7 @@ def gemv_jobs(m: int, seg: SegmentSpec, x_dtype, quick: bool):
                     K_SEG=seg.k, SEG_START=0, GROUP_SIZE=seg.group_size or 1, stride_xm=K, prev_slices=0)
         block_m = triton.next_power_of_2(m)
         cx = dict(BITS=seg.bits, IS_LUT=seg.decoder == "lut", GROUP_MODE=group_mode(seg, cfg["BLOCK_K"]),
-                  HAS_PERM=True, HAS_SPARSE=True, HAS_BIAS=True, DIRECT=False, BLOCK_M=block_m,
+                  HAS_PERM=has_perm, HAS_SPARSE=True, HAS_BIAS=True, DIRECT=False, BLOCK_M=block_m,
                   BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"], T_UNROLL=cfg["T_UNROLL"])
         label = f"gemv M={m} {cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} u{cfg['T_UNROLL']}"
         yield gemv_kernel, args, cx, cfg["num_warps"], cfg["num_stages"], label
@@ -147,12 +151,12 @@ def gemm_jobs(m: int, seg: SegmentSpec, x_dtype, quick: bool):
         yield gemm_kernel, args, cx, cfg["num_warps"], cfg["num_stages"], label
 
 
-def prefill_jobs(seg: SegmentSpec, x_dtype):
+def prefill_jobs(seg: SegmentSpec, x_dtype, has_perm: bool = True):
     """The prefill path's dequantize and fold kernels, and the split-K reduction."""
     f16, i32 = _probe(torch.float16), _probe(torch.int32)
     args = dict(perm_ptr=i32, q2_ptr=i32, q1_ptr=i32, q4_ptr=i32, scale_ptr=f16, zero_ptr=f16, lut_ptr=f16,
                 wt_ptr=_probe(x_dtype), N=N, K_SEG=seg.k, SEG_START=0, GROUP_SIZE=seg.group_size or 1)
-    cx = dict(BITS=seg.bits, IS_LUT=seg.decoder == "lut", HAS_PERM=True,
+    cx = dict(BITS=seg.bits, IS_LUT=seg.decoder == "lut", HAS_PERM=has_perm,
               BLOCK_N=DEQUANT_BLOCK_N, BLOCK_K=DEQUANT_BLOCK_K)
     yield dequant_kernel, args, cx, 4, 2, "dequant"
     fold_args = dict(row_ptr_ptr=i32, col_ptr=_probe(torch.int16), val_ptr=f16, wt_ptr=_probe(x_dtype), N=N)

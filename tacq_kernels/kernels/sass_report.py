@@ -1,0 +1,272 @@
+"""The SASS cost report: instructions per weight in each kernel's hot loop, against each GPU's budget.
+
+    python -m tacq_kernels.kernels.sass_report [--arch 90 89 80] [--paths gemv1 gemv2 ...] [--smoke]
+                                               [--jobs N] [--out benchmarks/results/static]
+
+For each path (the GEMV at M = 1, 2, 4, 8; the GEMM at M = 16 and 64; the prefill path's
+dequantize kernel), bit-width (2, 3, 4), decoder (affine with one group per row, affine g128,
+LUT) and, where the kernel has the switch, with and without the permutation, it compiles the
+config each launcher tries first (``compile_check``'s compile path: Triton's ASTSource for a
+GPUTarget, no GPU needed) for sm_90, sm_89 and sm_80, counts the hot loop with
+:func:`.sass.count_hot_loop` and predicts the fraction of the bandwidth roofline on an H100,
+H200, A100 and RTX 4090 with :func:`.sass.predict`. It prints a markdown table and writes JSON
+(and the table) to ``--out``.
+
+Weights per iteration, per thread (what every count is divided by):
+
+* gemv: one iteration of the chunk loop decodes a [BLOCK_K, BLOCK_N] tile over 32 * num_warps
+  threads: BLOCK_K * BLOCK_N / (32 * num_warps) (256 x 64 over 128 threads: 128). Where the loop
+  over bit positions stays a loop (T_UNROLL < VPW) it runs VPW / T_UNROLL times per chunk.
+* gemm: the same tile, decoded once per chunk whatever BLOCK_M; the MMA work for the BLOCK_M
+  rows of x is inside the same loop.
+* dequant: no loop (one [64, 128] tile per program): the whole kernel over 64 * 128 / 128.
+
+The GEMM has no permutation switch: its launcher gathers x's columns once per call (an M x K
+copy), so the loop is the same with and without.
+
+Run it with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import compile_check as cc
+from .sass import ARCHS, GPUS, count_hot_loop, cuobjdump_path, pipe_cycles, predict
+
+# (label, kind, M): the report's paths
+PATHS = [("gemv1", "gemv", 1), ("gemv2", "gemv", 2), ("gemv4", "gemv", 4), ("gemv8", "gemv", 8),
+         ("gemm16", "gemm", 16), ("gemm64", "gemm", 64), ("dequant", "dequant", None)]
+DECODERS = [("affine", "row"), ("affine", "g128"), ("lut", "-")]
+ARCH_LIST = (90, 89, 80)
+K_EXAMPLE = N_EXAMPLE = 4096  # the shape the metadata bytes are amortised over (cc.N, cc.K)
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str  # label from PATHS
+    bits: int
+    decoder: str
+    group: str
+    perm: bool | None  # None: the kernel has no permutation switch (gemm)
+    arch: int
+
+    @property
+    def name(self) -> str:
+        perm = "" if self.perm is None else (" perm" if self.perm else "")
+        return f"{self.path} {self.bits}b {self.decoder}{'' if self.group == '-' else ' ' + self.group}{perm}"
+
+
+def cases(archs=ARCH_LIST, paths=None, bits=(2, 3, 4)) -> list[Case]:
+    out = []
+    for arch in archs:
+        for label, kind, _ in PATHS:
+            if paths and label not in paths:
+                continue
+            for b in bits:
+                for decoder, group in DECODERS:
+                    for perm in ((False, True) if kind != "gemm" else (None,)):
+                        out.append(Case(label, b, decoder, group, perm, arch))
+    return out
+
+
+def bytes_per_weight(case: Case) -> float:
+    """DRAM bytes the kernel moves per weight: codes, scales/zeros (fp16 pairs per group and
+    column) or tables (2^b fp16 per K row, shared by N columns), plus the dense fp16 weight the
+    dequantize kernel writes. Outliers (CSR) and x are left out: they are outside the loop."""
+    codes = case.bits / 8
+    if case.decoder == "lut":
+        meta = 2 ** case.bits * 2 / N_EXAMPLE
+    else:
+        meta = 4 / (128 if case.group == "g128" else K_EXAMPLE)
+    return codes + meta + (2.0 if case.path == "dequant" else 0.0)
+
+
+def _job(case: Case):
+    """(kernel fn, args, constexprs, warps, stages, weights per iteration, inner trips, loop mode, config)."""
+    kind, m = next((k, m) for label, k, m in PATHS if label == case.path)
+    seg = cc._segment(case.bits, case.decoder, case.group)
+    if kind == "gemv":
+        fn, args, cx, warps, stages, label = next(cc.gemv_jobs(m, seg, torch.float16, True, has_perm=case.perm))
+        vpw = 8 if case.bits == 4 else 16
+        trips = {1: vpw // cx["T_UNROLL"]} if cx["T_UNROLL"] < vpw else None
+        loop = "auto"
+    elif kind == "gemm":
+        fn, args, cx, warps, stages, label = next(cc.gemm_jobs(m, seg, torch.float16, True))
+        trips, loop = None, "auto"
+    else:
+        fn, args, cx, warps, stages, label = next(cc.prefill_jobs(seg, torch.float16, has_perm=case.perm))
+        trips, loop = None, "kernel"
+    weights = cx["BLOCK_N"] * cx["BLOCK_K"] / (32 * warps)
+    config = {k: v for k, v in cx.items() if k.startswith("BLOCK") or k in ("T_UNROLL", "SPLIT_K")}
+    config.update(num_warps=warps, num_stages=stages)
+    return fn, args, cx, warps, stages, weights, trips, loop, config, label
+
+
+def run_case(case: Case) -> dict:
+    """Compile one case and count it: a JSON-able record."""
+    fn, args, cx, warps, stages, weights, trips, loop, config, label = _job(case)
+    cubin, shared = cc.compile_cubin(fn, args, cx, case.arch, warps, stages)
+    usage = cc.cubin_usage(cubin, shared)
+    count = count_hot_loop(cubin, fn.__name__, weights, inner_trips=trips, loop=loop)
+    record = dict(
+        path=case.path, bits=case.bits, decoder=case.decoder, group=case.group, perm=case.perm, arch=case.arch,
+        name=case.name, config=config, config_label=label, registers=usage.registers, spill_bytes=usage.spill_bytes,
+        shared_bytes=usage.shared_bytes, bytes_per_weight=bytes_per_weight(case),
+        cycles=pipe_cycles(count, ARCHS[case.arch]),
+        **{k: v for k, v in count.to_dict().items() if k != "arch"},
+    )
+    # The weight words must be read once per iteration: bits / 8 bytes per weight (LDG of the
+    # planes; the GEMM stages them through shared memory, where this check does not apply).
+    record["weight_word_bytes"] = count.load_bytes.get("load: weight words", 0.0)
+    record["weight_words_read_once"] = (abs(record["weight_word_bytes"] - case.bits / 8) < 1e-9
+                                        if case.path.startswith("gemv") else None)
+    record["predictions"] = {
+        gpu.name: predict(count, gpu, record["bytes_per_weight"]) for gpu in GPUS.values() if gpu.arch == case.arch
+    }
+    return record
+
+
+def environment() -> dict:
+    def run(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        except OSError:
+            return ""
+
+    version = run(cuobjdump_path(), "--version").splitlines()
+    return dict(
+        commit=run("git", "rev-parse", "HEAD"), dirty=bool(run("git", "status", "--porcelain", "--", ".")),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        triton=triton.__version__, torch=torch.__version__, cuobjdump=version[-1] if version else "",
+        shape=dict(N=N_EXAMPLE, K=K_EXAMPLE), x_dtype="fp16",
+        archs={sm: vars(a) for sm, a in ARCHS.items()}, gpus={name: vars(g) for name, g in GPUS.items()},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+_TOP_SOURCES = ["math (FMA/FADD/FMUL)", "decode", "convert", "address", "mask", "load: weight words",
+                "load: x / tables / scales", "load: index (gather)", "store: shared (layout)", "MMA"]
+_GPU_ARCH = [("H100 SXM", 90), ("H200", 90), ("A100 SXM 80GB", 80), ("RTX 4090", 89)]
+
+
+def _fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(records: list[dict]) -> str:
+    """Two tables: per case, instructions per weight and the busiest pipe by arch with the
+    predicted % of bandwidth; and the sm_90 counts by source."""
+    by = {(r["name"], r["arch"]): r for r in records}
+    names = list(dict.fromkeys(r["name"] for r in records))
+    archs = [a for a in ARCH_LIST if any(r["arch"] == a for r in records)]
+    gpus = [(g, a) for g, a in _GPU_ARCH if a in archs]
+    head = ["case", "config (first candidate)"]
+    for a in archs:
+        head += [f"sm_{a} instr/w", f"sm_{a} pipe"]
+    head += [f"% BW {g}" for g, _ in gpus]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        first = next(by[(name, a)] for a in archs if (name, a) in by)
+        row = [name, first["config_label"].split(" ", 2)[-1] if first["path"] != "dequant" else "64x128 w4"]
+        for a in archs:
+            r = by.get((name, a))
+            if not r:
+                row += ["-", "-"]
+                continue
+            spill = f" (spills {r['spill_bytes']} B)" if r["spill_bytes"] else ""
+            pipe = max((k for k in r["cycles"] if k != "issue"), key=r["cycles"].get)
+            row += [_fmt(r["per_weight"]) + spill, f"{pipe} {r['cycles'][pipe] * 128:.2f}"]
+        for gpu, a in gpus:
+            r = by.get((name, a))
+            if not r:
+                row.append("-")
+                continue
+            p = r["predictions"][gpu]
+            issue_only = min(1.0, p["budget_instructions_per_weight"] / r["per_weight"])
+            row.append(f"{100 * issue_only:.0f} / {100 * p['roofline']:.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    out = ["### Instructions per weight, busiest pipe, predicted share of bandwidth", "",
+           "instr/w: instructions one thread issues per weight it decodes in the hot loop. pipe: the busiest "
+           "execution pipe in issue-slot equivalents per weight (its cycles per weight per SM x 128), to compare "
+           "with instr/w. % BW: predicted fraction of the DRAM roofline from the issue limit alone / from issue "
+           "and pipes together.", ""] + lines
+    if 90 in archs:
+        head = ["case (sm_90)", "total"] + _TOP_SOURCES + ["other"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in names:
+            r = by.get((name, 90))
+            if not r:
+                continue
+            src = r["sources"]
+            rest = r["per_weight"] - sum(src.get(k, 0.0) for k in _TOP_SOURCES)
+            lines.append("| " + " | ".join([name, _fmt(r["per_weight"])] + [_fmt(src.get(k, 0.0)) for k in _TOP_SOURCES]
+                                            + [_fmt(rest)]) + " |")
+        out += ["", "### sm_90: what the hot loop's instructions are for (per weight)", ""] + lines
+    return "\n".join(out) + "\n"
+
+
+def _run(case):
+    try:
+        return run_case(case)
+    except Exception as exc:  # reported, and counted as a failure by main()
+        return dict(name=case.name, arch=case.arch, error=f"{type(exc).__name__}: {exc}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCH_LIST), choices=sorted(ARCHS))
+    parser.add_argument("--paths", nargs="+", choices=[p[0] for p in PATHS], help="default: all")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4])
+    parser.add_argument("--smoke", action="store_true", help="gemv M=1 and gemm M=16, 2-bit, sm_90 only")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in parallel processes")
+    parser.add_argument("--out", default=None, help="directory for sass_report.json and sass_report.md")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; FFMA vs FMUL + FADD
+    todo = (cases((90,), ["gemv1", "gemm16"], (2,)) if args.smoke
+            else cases(tuple(args.arch), args.paths, tuple(args.bits)))
+    records = []
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = pool.map(_run, todo)
+    else:
+        results = map(_run, todo)
+    for i, record in enumerate(results):
+        records.append(record)
+        if "error" in record:
+            print(f"[{i + 1}/{len(todo)}] sm_{record['arch']} {record['name']}: {record['error']}", flush=True)
+        else:
+            print(f"[{i + 1}/{len(todo)}] sm_{record['arch']} {record['name']:28s} {record['per_weight']:6.2f} instr/weight"
+                  f"  regs {record['registers']}" + (f"  SPILL {record['spill_bytes']} B" if record["spill_bytes"] else ""),
+                  flush=True)
+    good = [r for r in records if "error" not in r]
+    table = markdown(good) if good else ""
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "sass_report.json"), "w") as f:
+            json.dump(dict(environment=environment(), records=records), f, indent=1)
+        with open(os.path.join(args.out, "sass_report.md"), "w") as f:
+            f.write(table)
+        print(f"wrote {args.out}/sass_report.json and sass_report.md")
+    return 1 if len(good) < len(records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
