@@ -251,7 +251,8 @@ BIT_OPS = {"SHF", "SHL", "SHR", "LOP3", "LOP", "LOP32I", "SGXT", "BFE", "BFI", "
 NO_DEST = STORES | SYNCS | CONTROL | ASYNC_COPIES | {"CCTL", "UTMASTG"}
 
 
-def _width(ins: Instruction) -> int:
+def access_bits(ins: Instruction) -> int:
+    """Bits one thread moves with a load or store (``LDG.E.128``: 128, ``LDS.U16``: 16; else 32)."""
     for mod, bits in (("128", 128), ("64", 64), ("U16", 16), ("S16", 16), ("U8", 8), ("S8", 8)):
         if mod in ins.modifiers:
             return bits
@@ -267,6 +268,8 @@ def instruction_class(ins: Instruction) -> str:
         return "FMUL/FADD"
     if base == "HADD2" and "F32" in mods:
         return "HADD2.F32"  # fp16 -> fp32 conversion on sm_80+
+    if base == "HFMA2" and "MMA" in mods and all(op.lstrip("-") in ("RZ", "0") for op in ins.operands[1:]):
+        return "MOV"  # HFMA2.MMA R2, -RZ, RZ, 0, 0: a register cleared on the FMA pipe
     if base in ("HFMA2", "HMUL2", "HADD2", "HMNMX2"):
         return "HFMA2"
     if base in ("I2F", "F2F", "F2I", "I2I", "I2FP", "F2FP", "FRND", "F2IP", "I2IP"):
@@ -294,7 +297,7 @@ def instruction_class(ins: Instruction) -> str:
             return base + " (spill)"
         if base == "LDSM":
             return "LDSM"
-        return f"{base}.{_width(ins)}"
+        return f"{base}.{access_bits(ins)}"
     if base in MMA:
         return base
     if base == "MUFU":
@@ -342,7 +345,7 @@ def _dest_width(ins: Instruction) -> int:
         return int(mods[-1]) if mods and mods[-1].isdigit() else 1
     if "WIDE" in mods or (base == "CS2R" and "32" not in mods):  # IMAD.WIDE, CS2R R20, SRZ: register pairs
         return 2
-    return max(1, _width(ins) // 32) if base in GLOBAL_LOADS | SHARED_LOADS | {"LDC", "ULDC"} else 1
+    return max(1, access_bits(ins) // 32) if base in GLOBAL_LOADS | SHARED_LOADS | {"LDC", "ULDC"} else 1
 
 
 def _defs_uses(ins: Instruction) -> tuple[list[str], list[tuple[str, str]]]:
@@ -458,7 +461,7 @@ def _sources(body: list[Instruction]) -> list[str]:
         if "address" in roles[i]:
             return "load: index (gather)"
         readers = {body[c].base for c in consumers[i]}
-        if _width(ins) >= 32 and readers & BIT_OPS:
+        if access_bits(ins) >= 32 and readers & BIT_OPS:
             return "load: weight words"
         if readers & MMA:
             return "load: MMA operands"
@@ -565,7 +568,7 @@ class LoopCount:
         for opcode, count in self.opcodes.items():
             ins = Instruction(0, None, opcode, ())
             if ins.base in kinds:
-                total += count * _width(ins) / 8
+                total += count * access_bits(ins) / 8
         return total
 
 
@@ -634,7 +637,7 @@ def count_instructions(instructions: list[Instruction], kernel: str, arch: int, 
         classes[instruction_class(ins)] += times
         sources[by_address[ins.address]] += times
         if ins.base in GLOBAL_LOADS | SHARED_LOADS | ASYNC_COPIES and ins.base != "LDSM":
-            load_bytes[by_address[ins.address]] += times * _width(ins) / 8
+            load_bytes[by_address[ins.address]] += times * access_bits(ins) / 8
     total = float(sum(times for _, times in weighted))
     forward = sum(1 for ins in body if ins.branch_target() is not None and ins.branch_target() > ins.address)
     if any(ins.base == "CALL" and "NOINC" not in ins.modifiers for ins in body):
@@ -746,7 +749,7 @@ _XU = {"I2F", "F2F", "F2I", "I2I", "MUFU", "FRND", "FLO", "POPC", "BREV", "F2IP"
 _LSU = GLOBAL_LOADS | SHARED_LOADS | ASYNC_COPIES | STORES | LOCAL | {"SHFL", "ATOM", "ATOMS", "ATOMG", "MATCH", "REDUX"}
 
 
-def _mma_macs(opcode: str) -> int:
+def mma_macs(opcode: str) -> int:
     """Multiply-adds one warp's MMA instruction performs (HMMA.16816: 16*8*16; HGMMA.64xNx16 is
     issued by each of the 4 warps of a warpgroup: a quarter of 64*N*16 each)."""
     ins = Instruction(0, None, opcode, ())
@@ -782,7 +785,7 @@ def pipe_cycles(count: LoopCount, arch: Arch) -> dict[str, float]:
         elif base in _LSU:
             by_pipe["lsu"] += n
         elif base in MMA:
-            macs += n / 32 * _mma_macs(opcode)
+            macs += n / 32 * mma_macs(opcode)
     cycles = {
         "issue": count.per_weight / arch.issue,
         "fma": (by_pipe["fp32"] + by_pipe["imad"]) / arch.fma,

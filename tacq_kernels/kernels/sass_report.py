@@ -42,7 +42,7 @@ import torch
 import triton
 
 from . import compile_check as cc
-from .sass import ARCHS, GPUS, count_hot_loop, cuobjdump_path, pipe_cycles, predict
+from .sass import ARCHS, GPUS, MMA, Instruction, mma_macs, access_bits, count_hot_loop, cuobjdump_path, pipe_cycles, predict
 
 # (label, kind, M): the report's paths
 PATHS = [("gemv1", "gemv", 1), ("gemv2", "gemv", 2), ("gemv4", "gemv", 4), ("gemv8", "gemv", 8),
@@ -126,15 +126,35 @@ def run_case(case: Case) -> dict:
         cycles=pipe_cycles(count, ARCHS[case.arch]),
         **{k: v for k, v in count.to_dict().items() if k != "arch"},
     )
-    # The weight words must be read once per iteration: bits / 8 bytes per weight (LDG of the
-    # planes; the GEMM stages them through shared memory, where this check does not apply).
-    record["weight_word_bytes"] = count.load_bytes.get("load: weight words", 0.0)
-    record["weight_words_read_once"] = (abs(record["weight_word_bytes"] - case.bits / 8) < 1e-9
-                                        if case.path.startswith("gemv") else None)
-    record["predictions"] = {
-        gpu.name: predict(count, gpu, record["bytes_per_weight"]) for gpu in GPUS.values() if gpu.arch == case.arch
+    record["checks"] = checks(case, count, config)
+    record["predictions"] = {  # (their "cycles" are the record's)
+        gpu.name: {k: v for k, v in predict(count, gpu, record["bytes_per_weight"]).items() if k != "cycles"}
+        for gpu in GPUS.values() if gpu.arch == case.arch
     }
     return record
+
+
+def checks(case: Case, count, config: dict) -> dict[str, bool]:
+    """Invariants that confirm the loop found is the hot loop and that weights_per_iteration
+    (and the inner trip count) match what the compiler emitted, e.g. that ptxas did not unroll
+    the loop: every weight's code is loaded exactly once, multiplied BLOCK_M times, or written once.
+
+    gemv: the plane words the loop loads (global loads read by bit operations) are bits / 8
+    bytes per weight; for 3 bits also 4 / 8, because ``common.load_words`` loads each 1-bit word
+    twice (for the two 2-bit word rows that share it; an unrolled loop would show 6 / 8 or more).
+    gemm: the MMAs do BLOCK_M multiply-adds per weight. dequant: the kernel stores 2 bytes (one
+    fp16) per weight.
+    """
+    if case.path.startswith("gemv"):
+        words = count.load_bytes.get("load: weight words", 0.0)
+        allowed = (case.bits / 8,) + ((4 / 8,) if case.bits == 3 else ())
+        return {"weight words read once (bits/8 B per weight)": any(abs(words - a) < 1e-9 for a in allowed)}
+    if case.path.startswith("gemm"):
+        macs = sum(n / 32 * mma_macs(op) for op, n in count.opcodes.items() if op.split(".")[0] in MMA)
+        return {"MMA multiply-adds per weight = BLOCK_M": abs(macs - config["BLOCK_M"]) < 1e-9}
+    stored = sum(n * access_bits(Instruction(0, None, op, ())) / 8 for op, n in count.opcodes.items()
+                 if op.split(".")[0] == "STG")
+    return {"one fp16 stored per weight": abs(stored - 2.0) < 1e-9}
 
 
 def environment() -> dict:
@@ -205,18 +225,79 @@ def markdown(records: list[dict]) -> str:
            "with instr/w. % BW: predicted fraction of the DRAM roofline from the issue limit alone / from issue "
            "and pipes together.", ""] + lines
     if 90 in archs:
-        head = ["case (sm_90)", "total"] + _TOP_SOURCES + ["other"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for name in names:
-            r = by.get((name, 90))
-            if not r:
-                continue
-            src = r["sources"]
-            rest = r["per_weight"] - sum(src.get(k, 0.0) for k in _TOP_SOURCES)
-            lines.append("| " + " | ".join([name, _fmt(r["per_weight"])] + [_fmt(src.get(k, 0.0)) for k in _TOP_SOURCES]
-                                            + [_fmt(rest)]) + " |")
-        out += ["", "### sm_90: what the hot loop's instructions are for (per weight)", ""] + lines
+        out += ["", "### sm_90: what the hot loop's instructions are for (per weight)", "", sources_table(records, names)]
     return "\n".join(out) + "\n"
+
+
+def sources_table(records: list[dict], names: list[str], arch: int = 90) -> str:
+    """Per-weight counts by source (see :func:`.sass._sources`) of the named cases on one arch."""
+    by = {(r["name"], r["arch"]): r for r in records}
+    head = [f"case (sm_{arch})", "total"] + _TOP_SOURCES + ["other"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        r = by.get((name, arch))
+        if not r:
+            continue
+        src = r["sources"]
+        rest = r["per_weight"] - sum(src.get(k, 0.0) for k in _TOP_SOURCES)
+        lines.append("| " + " | ".join([name, _fmt(r["per_weight"])] + [_fmt(src.get(k, 0.0)) for k in _TOP_SOURCES]
+                                        + [_fmt(rest)]) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(records: list[dict]) -> str:
+    """The compact table docs/kernels.md shows: one row per path, bit-width and decoder;
+    instructions per weight without / with the permutation per arch, sm_90's busiest pipe, and
+    the predicted % of bandwidth (issue alone / issue and pipes) without the permutation."""
+    by = {(r["name"], r["arch"]): r for r in records}
+    archs = [a for a in ARCH_LIST if any(r["arch"] == a for r in records)]
+    gpus = [(g, a) for g, a in _GPU_ARCH if a in archs]
+    head = ["path", "bits", "decoder"] + [f"sm_{a}" for a in archs] + ["sm_90 busiest pipe"] + [g for g, _ in gpus]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seen = []
+    for r in records:
+        key = (r["path"], r["bits"], r["decoder"], r["group"])
+        if key not in seen:
+            seen.append(key)
+    for path, bits, decoder, group in seen:
+        base = Case(path, bits, decoder, group, None if path.startswith("gemm") else False, 0).name
+        perm = base + " perm"
+        row = [path, str(bits), decoder if group == "-" else f"{decoder} {group}"]
+        for a in archs:
+            r, rp = by.get((base, a)), by.get((perm, a))
+            row.append("-" if not r else _fmt(r["per_weight"]) + (f" / {_fmt(rp['per_weight'])}" if rp else ""))
+        r90 = by.get((base, 90))
+        if r90:
+            pipe = max((k for k in r90["cycles"] if k != "issue"), key=r90["cycles"].get)
+            row.append(f"{pipe} {r90['cycles'][pipe] * 128:.1f}")
+        else:
+            row.append("-")
+        for gpu, a in gpus:
+            r = by.get((base, a))
+            if not r:
+                row.append("-")
+                continue
+            p = r["predictions"][gpu]
+            issue_only = min(1.0, p["budget_instructions_per_weight"] / r["per_weight"])
+            row.append(f"{100 * issue_only:.0f} / {100 * p['roofline']:.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def dump_json(env: dict, records: list[dict]) -> str:
+    """The report as JSON, one record per line (readable diffs), floats to 6 significant digits."""
+    lines = ",\n".join(json.dumps(_rounded(r), separators=(",", ":")) for r in records)
+    return '{"environment": ' + json.dumps(env, indent=1) + ',\n"records": [\n' + lines + "\n]}\n"
 
 
 def _run(case):
@@ -242,30 +323,33 @@ def main(argv=None) -> int:
     todo = (cases((90,), ["gemv1", "gemm16"], (2,)) if args.smoke
             else cases(tuple(args.arch), args.paths, tuple(args.bits)))
     records = []
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = pool.map(_run, todo)
-    else:
-        results = map(_run, todo)
+    pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
+    results = pool.map(_run, todo) if pool else map(_run, todo)
     for i, record in enumerate(results):
         records.append(record)
         if "error" in record:
             print(f"[{i + 1}/{len(todo)}] sm_{record['arch']} {record['name']}: {record['error']}", flush=True)
         else:
+            failed = [k for k, ok in record["checks"].items() if not ok]
             print(f"[{i + 1}/{len(todo)}] sm_{record['arch']} {record['name']:28s} {record['per_weight']:6.2f} instr/weight"
-                  f"  regs {record['registers']}" + (f"  SPILL {record['spill_bytes']} B" if record["spill_bytes"] else ""),
-                  flush=True)
+                  f"  regs {record['registers']}" + (f"  SPILL {record['spill_bytes']} B" if record["spill_bytes"] else "")
+                  + "".join(f"  CHECK FAILED: {k}" for k in failed), flush=True)
+    if pool:
+        pool.shutdown()
     good = [r for r in records if "error" not in r]
-    table = markdown(good) if good else ""
+    table = ("### Summary\n\n" + summary_table(good) + "\n" + markdown(good)) if good else ""
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sass_report.json"), "w") as f:
-            json.dump(dict(environment=environment(), records=records), f, indent=1)
+            f.write(dump_json(environment(), records))
         with open(os.path.join(args.out, "sass_report.md"), "w") as f:
             f.write(table)
         print(f"wrote {args.out}/sass_report.json and sass_report.md")
-    return 1 if len(good) < len(records) else 0
+    failed = sum(1 for r in good for ok in r["checks"].values() if not ok)
+    if failed:
+        print(f"{failed} check(s) failed: the count of those cases is not per weight as derived")
+    return 1 if len(good) < len(records) or failed else 0
 
 
 if __name__ == "__main__":
