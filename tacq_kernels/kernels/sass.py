@@ -747,6 +747,7 @@ _ALU = {"LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "PRMT", "SGXT", "BFE", "BF
 _FP16 = {"HFMA2", "HMUL2", "HADD2", "HMNMX2"}
 _XU = {"I2F", "F2F", "F2I", "I2I", "MUFU", "FRND", "FLO", "POPC", "BREV", "F2IP", "I2IP"}
 _LSU = GLOBAL_LOADS | SHARED_LOADS | ASYNC_COPIES | STORES | LOCAL | {"SHFL", "ATOM", "ATOMS", "ATOMG", "MATCH", "REDUX"}
+_PIPES = [("fp32", _FP32), ("imad", _IMAD), ("fp16", _FP16), ("xu", _XU), ("alu", _ALU), ("lsu", _LSU)]
 
 
 def mma_macs(opcode: str) -> int:
@@ -770,22 +771,13 @@ def pipe_cycles(count: LoopCount, arch: Arch) -> dict[str, float]:
     by_pipe = Counter()
     macs = 0.0
     for opcode, n in count.opcodes.items():
-        ins = Instruction(0, None, opcode, ())
-        base = ins.base
-        if base in _FP32:
-            by_pipe["fp32"] += n
-        elif base in _IMAD:
-            by_pipe["imad"] += n
-        elif base in _FP16:
-            by_pipe["fp16"] += n
-        elif base in _XU:
-            by_pipe["xu"] += n
-        elif base in _ALU:
-            by_pipe["alu"] += n
-        elif base in _LSU:
-            by_pipe["lsu"] += n
-        elif base in MMA:
+        base = opcode.split(".")[0]
+        if base in MMA:
             macs += n / 32 * mma_macs(opcode)
+            continue
+        pipe = next((name for name, members in _PIPES if base in members), None)
+        if pipe:
+            by_pipe[pipe] += n
     cycles = {
         "issue": count.per_weight / arch.issue,
         "fma": (by_pipe["fp32"] + by_pipe["imad"]) / arch.fma,

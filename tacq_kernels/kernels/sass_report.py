@@ -187,6 +187,23 @@ def _fmt(x, digits=2):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _pipe_cell(r: dict | None, digits: int) -> str:
+    """The busiest pipe of a record, in issue-slot equivalents per weight (cycles x 128)."""
+    if not r:
+        return "-"
+    pipe = max((k for k in r["cycles"] if k != "issue"), key=r["cycles"].get)
+    return f"{pipe} {r['cycles'][pipe] * 128:.{digits}f}"
+
+
+def _bandwidth_cell(r: dict | None, gpu: str) -> str:
+    """Predicted % of the roofline on ``gpu``: from the issue limit alone / from issue and pipes."""
+    if not r:
+        return "-"
+    p = r["predictions"][gpu]
+    issue_only = min(1.0, p["budget_instructions_per_weight"] / r["per_weight"])
+    return f"{100 * issue_only:.0f} / {100 * p['roofline']:.0f}"
+
+
 def markdown(records: list[dict]) -> str:
     """Two tables: per case, instructions per weight and the busiest pipe by arch with the
     predicted % of bandwidth; and the sm_90 counts by source."""
@@ -208,16 +225,8 @@ def markdown(records: list[dict]) -> str:
                 row += ["-", "-"]
                 continue
             spill = f" (spills {r['spill_bytes']} B)" if r["spill_bytes"] else ""
-            pipe = max((k for k in r["cycles"] if k != "issue"), key=r["cycles"].get)
-            row += [_fmt(r["per_weight"]) + spill, f"{pipe} {r['cycles'][pipe] * 128:.2f}"]
-        for gpu, a in gpus:
-            r = by.get((name, a))
-            if not r:
-                row.append("-")
-                continue
-            p = r["predictions"][gpu]
-            issue_only = min(1.0, p["budget_instructions_per_weight"] / r["per_weight"])
-            row.append(f"{100 * issue_only:.0f} / {100 * p['roofline']:.0f}")
+            row += [_fmt(r["per_weight"]) + spill, _pipe_cell(r, 2)]
+        row += [_bandwidth_cell(by.get((name, a)), gpu) for gpu, a in gpus]
         lines.append("| " + " | ".join(row) + " |")
     out = ["### Instructions per weight, busiest pipe, predicted share of bandwidth", "",
            "instr/w: instructions one thread issues per weight it decodes in the hot loop. pipe: the busiest "
@@ -266,20 +275,8 @@ def summary_table(records: list[dict]) -> str:
         for a in archs:
             r, rp = by.get((base, a)), by.get((perm, a))
             row.append("-" if not r else _fmt(r["per_weight"]) + (f" / {_fmt(rp['per_weight'])}" if rp else ""))
-        r90 = by.get((base, 90))
-        if r90:
-            pipe = max((k for k in r90["cycles"] if k != "issue"), key=r90["cycles"].get)
-            row.append(f"{pipe} {r90['cycles'][pipe] * 128:.1f}")
-        else:
-            row.append("-")
-        for gpu, a in gpus:
-            r = by.get((base, a))
-            if not r:
-                row.append("-")
-                continue
-            p = r["predictions"][gpu]
-            issue_only = min(1.0, p["budget_instructions_per_weight"] / r["per_weight"])
-            row.append(f"{100 * issue_only:.0f} / {100 * p['roofline']:.0f}")
+        row.append(_pipe_cell(by.get((base, 90)), 1))
+        row += [_bandwidth_cell(by.get((base, a)), gpu) for gpu, a in gpus]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
