@@ -238,6 +238,24 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def classes_table(records: list[dict], keys: list[tuple[str, int]], min_share: float = 0.05) -> str:
+    """Per-weight counts by instruction class of the given (case name, arch) records; classes
+    under ``min_share`` per weight in all of them are summed into "other"."""
+    by = {(r["name"], r["arch"]): r for r in records}
+    rows = [by[k] for k in keys if k in by]
+    order = ["FFMA", "FMUL/FADD", "HFMA2", "I2F", "I2FP", "HADD2.F32", "F2F", "F2FP", "SHF", "SGXT/BFE", "LOP3",
+             "PRMT", "SEL/FSEL", "LEA", "IMAD/IADD", "MOV", "ISETP"]
+    classes = sorted({c for r in rows for c, v in r["classes"].items() if v >= min_share},
+                     key=lambda c: (order.index(c) if c in order else len(order), c))
+    head = ["case", "total"] + classes + ["other"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        rest = r["per_weight"] - sum(r["classes"].get(c, 0.0) for c in classes)
+        lines.append("| " + " | ".join([f"{r['name']} sm_{r['arch']}", _fmt(r["per_weight"])]
+                                        + [_fmt(r["classes"].get(c, 0.0)) for c in classes] + [_fmt(rest)]) + " |")
+    return "\n".join(lines)
+
+
 def sources_table(records: list[dict], names: list[str], arch: int = 90) -> str:
     """Per-weight counts by source (see :func:`.sass._sources`) of the named cases on one arch."""
     by = {(r["name"], r["arch"]): r for r in records}
@@ -317,6 +335,7 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the JIT's default; FFMA vs FMUL + FADD
+    env = environment()  # before the run: the commit that produced the counts
     todo = (cases((90,), ["gemv1", "gemm16"], (2,)) if args.smoke
             else cases(tuple(args.arch), args.paths, tuple(args.bits)))
     records = []
@@ -339,7 +358,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "sass_report.json"), "w") as f:
-            f.write(dump_json(environment(), records))
+            f.write(dump_json(env, records))
         with open(os.path.join(args.out, "sass_report.md"), "w") as f:
             f.write(table)
         print(f"wrote {args.out}/sass_report.json and sass_report.md")
