@@ -198,6 +198,9 @@ def test_committed_report_is_complete_and_consistent():
 
     expected = {(c.name, c.arch) for c in cases()}
     assert {(r["name"], r["arch"]) for r in records} == expected
+    with open(os.path.join(ROOT, "benchmarks", "results", "static", "sass_report.svg")) as f:
+        bars = f.read().count("<rect ")
+    assert bars == sum(1 for r in records if r["arch"] == 90 and not r["perm"])
     for r in records:
         assert all(r["checks"].values()), (r["name"], r["arch"], r["checks"])
         assert sum(r["classes"].values()) == pytest.approx(r["per_weight"], rel=1e-9)

@@ -10,7 +10,7 @@ fat binary, object file or executable that ``cuobjdump`` reads), whoever compile
     print(count.per_weight, count.classes, count.sources)
     for gpu in GPUS.values():
         if gpu.arch == count.arch:
-            print(gpu.name, predict(count, gpu, bits_per_weight=2.0))
+            print(gpu.name, predict(count, gpu, bytes_per_weight=0.25))  # 2-bit codes
 
 How the hot loop is found. ``cuobjdump -sass`` lists the function's instructions with their
 addresses. Every branch whose target is at or before the branch itself is a back edge; the
@@ -292,7 +292,7 @@ def instruction_class(ins: Instruction) -> str:
         return "ISETP"
     if base in ("SEL", "FSEL"):
         return "SEL/FSEL"
-    if base in GLOBAL_LOADS | SHARED_LOADS | ASYNC_COPIES | STORES:
+    if base in GLOBAL_LOADS | SHARED_LOADS | ASYNC_COPIES | STORES | LOCAL:
         if base in LOCAL:
             return base + " (spill)"
         if base == "LDSM":

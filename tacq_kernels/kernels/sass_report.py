@@ -9,8 +9,8 @@ LUT) and, where the kernel has the switch, with and without the permutation, it 
 config each launcher tries first (``compile_check``'s compile path: Triton's ASTSource for a
 GPUTarget, no GPU needed) for sm_90, sm_89 and sm_80, counts the hot loop with
 :func:`.sass.count_hot_loop` and predicts the fraction of the bandwidth roofline on an H100,
-H200, A100 and RTX 4090 with :func:`.sass.predict`. It prints a markdown table and writes JSON
-(and the table) to ``--out``.
+H200, A100 and RTX 4090 with :func:`.sass.predict`. It prints markdown tables and writes them,
+the JSON and a bar chart (SVG) to ``--out``.
 
 Weights per iteration, per thread (what every count is divided by):
 
@@ -167,6 +167,7 @@ def environment() -> dict:
     version = run(cuobjdump_path(), "--version").splitlines()
     return dict(
         commit=run("git", "rev-parse", "HEAD"), dirty=bool(run("git", "status", "--porcelain", "--", ".")),
+        kernels_tree=run("git", "rev-parse", "HEAD:tacq_kernels/kernels"),  # survives a rebase that leaves it alone
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         triton=triton.__version__, torch=torch.__version__, cuobjdump=version[-1] if version else "",
         shape=dict(N=N_EXAMPLE, K=K_EXAMPLE), x_dtype="fp16",
@@ -299,6 +300,30 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def svg_chart(records: list[dict], arch: int = 90, gpu: str = "H100 SXM") -> str:
+    """A bar chart (plain SVG, no plotting library): instructions per weight of every case
+    without the permutation on one arch, each with a tick at ``gpu``'s issue budget for it."""
+    rows = [r for r in records if r["arch"] == arch and not r["perm"] and gpu in r["predictions"]]
+    if not rows:
+        return ""
+    scale = 560 / max(r["per_weight"] for r in rows)
+    height, top = 16, 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="860" height="{top + height * len(rows) + 30}" '
+             'font-family="sans-serif" font-size="11">',
+             f'<text x="10" y="18" font-size="13">sm_{arch}: hot-loop instructions per weight (bars) and the '
+             f'{gpu} issue budget at full bandwidth (red ticks)</text>']
+    for i, r in enumerate(rows):
+        y = top + i * height
+        budget = r["predictions"][gpu]["budget_instructions_per_weight"]
+        parts += [f'<text x="185" y="{y + 11}" text-anchor="end">{r["name"]}</text>',
+                  f'<rect x="190" y="{y + 2}" width="{r["per_weight"] * scale:.1f}" height="{height - 4}" fill="#4a7ab5"/>',
+                  f'<text x="{194 + r["per_weight"] * scale:.1f}" y="{y + 11}">{r["per_weight"]:.1f}</text>',
+                  f'<line x1="{190 + budget * scale:.1f}" x2="{190 + budget * scale:.1f}" y1="{y}" y2="{y + height}" '
+                  'stroke="#c0392b" stroke-width="2"/>']
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
 def _rounded(value):
     if isinstance(value, float):
         return float(f"{value:.6g}")
@@ -361,7 +386,9 @@ def main(argv=None) -> int:
             f.write(dump_json(env, records))
         with open(os.path.join(args.out, "sass_report.md"), "w") as f:
             f.write(table)
-        print(f"wrote {args.out}/sass_report.json and sass_report.md")
+        with open(os.path.join(args.out, "sass_report.svg"), "w") as f:
+            f.write(svg_chart(good))
+        print(f"wrote {args.out}/sass_report.json, sass_report.md and sass_report.svg")
     failed = sum(1 for r in good for ok in r["checks"].values() if not ok)
     if failed:
         print(f"{failed} check(s) failed: the count of those cases is not per weight as derived")
