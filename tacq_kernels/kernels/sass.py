@@ -458,11 +458,14 @@ def _sources(body: list[Instruction]) -> list[str]:
         ins = body[i]
         if ins.base in ASYNC_COPIES:
             return "load: async copy to shared"
+        readers = {body[c].base for c in consumers[i]}
+        # Words first: predicated code can make a word load look address-bound too (ptxas moves
+        # values through uniform registers under complementary predicates), and an index load's
+        # only bit operation is the sign extension of an address (SHF.R.S32.HI ..., 0x1f).
+        if access_bits(ins) >= 32 and readers & BIT_OPS and "data" in roles[i]:
+            return "load: weight words"
         if "address" in roles[i]:
             return "load: index (gather)"
-        readers = {body[c].base for c in consumers[i]}
-        if access_bits(ins) >= 32 and readers & BIT_OPS:
-            return "load: weight words"
         if readers & MMA:
             return "load: MMA operands"
         return "load: x / tables / scales"
