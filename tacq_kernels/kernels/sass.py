@@ -542,8 +542,9 @@ class LoopCount:
     ``per_weight`` = instructions / weights_per_iteration; ``opcodes``, ``classes`` and
     ``sources`` are per weight and each sums to ``per_weight``. ``loop`` is the (start, end)
     address range, None for a whole-kernel count; ``nested`` lists inner loops as
-    (start, end, trips); ``forward_branches`` counts branches inside the loop that are not back
-    edges (their skipped paths are counted as executed).
+    (start, end, trips); ``forward_branches`` counts branches that jump forward to an address
+    inside the loop (the instructions they skip are counted as executed; loop exits are not
+    counted here).
     """
 
     kernel: str
@@ -642,7 +643,12 @@ def count_instructions(instructions: list[Instruction], kernel: str, arch: int, 
         if ins.base in GLOBAL_LOADS | SHARED_LOADS | ASYNC_COPIES and ins.base != "LDSM":
             load_bytes[by_address[ins.address]] += times * access_bits(ins) / 8
     total = float(sum(times for _, times in weighted))
-    forward = sum(1 for ins in body if ins.branch_target() is not None and ins.branch_target() > ins.address)
+    # Forward branches that land inside the loop skip some of its instructions; exits do not (a
+    # jump to just after the back edge of an inner loop, e.g. ptxas's CALL.REL.NOINC idiom).
+    end = chosen.end if chosen is not None else max(ins.address for ins in body)
+    exits = {e + 16 for _, e, _ in nested}
+    forward = sum(1 for ins in body if ins.branch_target() is not None
+                  and ins.address < ins.branch_target() <= end and ins.branch_target() not in exits)
     if any(ins.base == "CALL" and "NOINC" not in ins.modifiers for ins in body):
         warnings.append("the loop calls a subroutine whose instructions are not counted")
     if classes.get("LDL (spill)") or classes.get("STL (spill)"):
