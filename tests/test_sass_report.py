@@ -201,8 +201,8 @@ def test_committed_report_is_complete_and_consistent():
     with open(os.path.join(ROOT, "benchmarks", "results", "static", "sass_report.svg")) as f:
         bars = f.read().count("<rect ")
     assert bars == sum(1 for r in records if r["arch"] == 90 and not r["perm"])
-    for r in records:
+    for r in records:  # the JSON keeps 6 significant digits
         assert all(r["checks"].values()), (r["name"], r["arch"], r["checks"])
-        assert sum(r["classes"].values()) == pytest.approx(r["per_weight"], rel=1e-9)
-        assert sum(r["sources"].values()) == pytest.approx(r["per_weight"], rel=1e-9)
-        assert r["per_weight"] == pytest.approx(r["instructions"] / r["weights_per_iteration"])
+        assert sum(r["classes"].values()) == pytest.approx(r["per_weight"], rel=1e-5)
+        assert sum(r["sources"].values()) == pytest.approx(r["per_weight"], rel=1e-5)
+        assert r["per_weight"] == pytest.approx(r["instructions"] / r["weights_per_iteration"], rel=1e-5)
