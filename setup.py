@@ -5,7 +5,54 @@ importable and otherwise installs one before this package, so pip never pulls gi
 CUDA wheels onto a CPU machine.
 """
 
+import os
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+# --- transformers autoload (docs/integrations.md): a .pth file at the top of site-packages makes
+# every interpreter run tacq_kernels_autoload.install() at start-up (stdlib only; it registers the
+# checkpoint format when transformers is imported). Regular wheels get it from build_py, editable
+# installs (`pip install -e .`, what `make venv` does) from editable_wheel, whose finder strategy
+# would otherwise drop it.
+AUTOLOAD_PTH = ("tacq_kernels_autoload.pth", "import tacq_kernels_autoload; tacq_kernels_autoload.install()\n")
+
+
+class build_py_with_autoload(build_py):
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            with open(os.path.join(self.build_lib, AUTOLOAD_PTH[0]), "w") as f:
+                f.write(AUTOLOAD_PTH[1])
+
+    def get_outputs(self, *args, **kwargs):
+        extra = [] if self.editable_mode else [os.path.join(self.build_lib, AUTOLOAD_PTH[0])]
+        return super().get_outputs(*args, **kwargs) + extra
+
+
+class editable_wheel_with_autoload(editable_wheel):
+    def _select_strategy(self, *args, **kwargs):
+        return _WithAutoloadPth(super()._select_strategy(*args, **kwargs))
+
+
+class _WithAutoloadPth:
+    """Wraps an editable strategy: whatever it writes, the wheel also gets the .pth file."""
+
+    def __init__(self, strategy):
+        self._strategy = strategy
+
+    def __call__(self, wheel, files, mapping):
+        self._strategy(wheel, files, mapping)
+        wheel.writestr(*AUTOLOAD_PTH)
+
+    def __enter__(self):
+        self._strategy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._strategy.__exit__(*exc)
+# --- end transformers autoload
 
 setup(
     name="tacq-kernels",
@@ -15,6 +62,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["tacq_kernels", "tacq_kernels.kernels", "tacq_quant"],
+    py_modules=["tacq_kernels_autoload"],  # transformers autoload, see AUTOLOAD_PTH
+    package_data={"tacq_quant": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},  # `lm_eval --include_path`
     package_dir={"tacq_kernels": "tacq_kernels", "tacq_quant": "python/tacq_quant"},
     install_requires=[
         "torch>=2.4",
@@ -25,8 +74,10 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.57", "accelerate", "gguf", "tokenizers"],
+        "harness": ["lm_eval>=0.4.13,<0.5"],  # lm-evaluation-harness: tacq eval --harness, lm_eval --include_path
         "test": ["pytest", "hypothesis", "transformers>=4.57", "accelerate", "gguf"],
         "bench": ["matplotlib"],  # the benchmarks' plots (benchmarks/*.py); make test installs it
     },
     entry_points={"console_scripts": ["tacq=tacq_quant.cli:main"]},
+    cmdclass={"build_py": build_py_with_autoload, "editable_wheel": editable_wheel_with_autoload},
 )

@@ -147,6 +147,10 @@ def register_with_transformers() -> bool:
     config_cls, quantizer_cls = _make_transformers_classes()
     # Guard against double registration (e.g. a module reloaded in a notebook): transformers
     # raises if a name is registered twice.
+    # tacq_kernels_autoload may have registered a placeholder that refuses to load (autoload off
+    # or failed): the real config replaces it.
+    if getattr(AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD), "tacq_kernels_placeholder", False):
+        del AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(config_cls)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

@@ -149,22 +149,99 @@ def test_newer_format_version_refused(ckpt):
         AutoModelForCausalLM.from_pretrained(path)
 
 
-def test_loading_without_import_warns_and_names_the_format(ckpt):
-    """Documented behaviour (README): transformers does not know the format without
-    `import tacq_kernels`; it warns with the format's name and reports the linear weights as
-    missing. This test pins that behaviour so a transformers change is noticed."""
+# --- loading in a fresh interpreter that never imports tacq_kernels (tacq_kernels_autoload.pth) ---
+
+def run_fresh_python(code, *args, cwd, env=None, pythonpath=None):
+    """``code`` in a new interpreter of this environment, started in ``cwd`` (outside the
+    repository, whose ``tacq_kernels/`` would otherwise be importable from the current directory);
+    ``code`` must not import tacq_kernels."""
+    assert "import tacq_kernels" not in code and "tacq_kernels." not in code
+    full_env = {k: v for k, v in os.environ.items() if k != "TACQ_KERNELS_AUTOLOAD"}
+    full_env.update(env or {})
+    if pythonpath:  # in front of the caller's PYTHONPATH (make test's transformers 4.57 run sets one)
+        full_env["PYTHONPATH"] = os.pathsep.join([pythonpath] + [p for p in [full_env.get("PYTHONPATH")] if p])
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=300)
+
+
+HEAVY = ("torch", "transformers", "triton", "tacq_kernels")
+
+
+def test_fresh_python_loads_checkpoint_without_import(ckpt, tmp_path):
+    """With the package installed, a process that never imports tacq_kernels gets the quantized
+    model (the same logits as with the import); start-up and `import torch` import nothing of
+    transformers, Triton or tacq_kernels."""
+    path, model, _ = ckpt
+    ids = torch.randint(0, 96, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import sys\n"
+        f"heavy = {HEAVY!r}\n"
+        "loaded = lambda: sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+        "print('AT_START', loaded(), repr(sys.meta_path[0]))\n"
+        "import torch\n"
+        "print('AFTER_TORCH', loaded())\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print('OUTCOME', sys.modules['tacq_kernels_autoload'].outcome, type(m.model.layers[0].self_attn.q_proj).__name__)\n"
+        "print('FINDER_LEFT', any('tacq_kernels_autoload' in repr(f) for f in sys.meta_path))\n"
+        "torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+    )
+    out = run_fresh_python(code, path, tmp_path / "ids.pt", tmp_path / "logits.pt", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "AT_START [] <tacq_kernels_autoload finder for transformers.quantizers>" in out.stdout, out.stdout
+    assert "AFTER_TORCH ['torch']" in out.stdout, out.stdout
+    assert "OUTCOME registered QuantLinear" in out.stdout and "FINDER_LEFT False" in out.stdout, out.stdout
+    assert "Unknown quantization type" not in out.stderr
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), model(ids).logits)
+
+
+def test_hook_disabled_refuses_to_load(ckpt, tmp_path):
+    """Documented off switch: TACQ_KERNELS_AUTOLOAD=0 imports nothing, and loading a checkpoint
+    without `import tacq_kernels` raises instead of returning random weights; the import then fixes it."""
     path, _, _ = ckpt
     code = (
-        "import sys; from transformers import AutoModelForCausalLM;"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
-        "print('LINEAR', type(m.model.layers[0].self_attn.q_proj).__name__)"
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "try:\n"
+        "    AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "except RuntimeError as e:\n"
+        "    print('REFUSED', e)\n"
+        "print('IMPORTED', 'tacq_kernels' in sys.modules)\n"
+        "__import__('tacq_kernels')\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "print('AFTER_IMPORT', type(m.model.layers[0].self_attn.q_proj).__name__)\n"
     )
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="warning")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=300)
-    text = out.stdout + out.stderr
-    assert "Unknown quantization type, got tacq_kernels" in text
-    assert "q_proj.weight" in text  # reported missing / newly initialised
-    assert "LINEAR Linear" in out.stdout
+    out = run_fresh_python(code, path, cwd=tmp_path, env={"TACQ_KERNELS_AUTOLOAD": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED this is a tacq_kernels checkpoint" in out.stdout, out.stdout
+    assert "automatic registration is off (TACQ_KERNELS_AUTOLOAD=0)" in out.stdout
+    assert "IMPORTED False" in out.stdout and "AFTER_IMPORT QuantLinear" in out.stdout, out.stdout
+
+
+def test_hook_failure_is_reported_once_and_refuses(ckpt, tmp_path):
+    """A tacq_kernels that cannot be imported: interpreter start-up, `import torch` and transformers
+    still work, the error is reported once on stderr, and the checkpoint refuses to load."""
+    path, _, _ = ckpt
+    broken = tmp_path / "broken" / "tacq_kernels"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('simulated broken install')\n")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, LlamaConfig\n"
+        "LlamaConfig()\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "    except RuntimeError as e:\n"
+        "        print('REFUSED', e)\n"
+    )
+    out = run_fresh_python(code, path, cwd=tmp_path, pythonpath=str(broken.parent))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("tacq_kernels_autoload: could not register tacq_kernels") == 1, out.stderr
+    assert "simulated broken install" in out.stderr
+    assert out.stdout.count("REFUSED this is a tacq_kernels checkpoint") == 2, out.stdout
+    assert "importing tacq_kernels failed (ImportError: simulated broken install)" in out.stdout
 
 
 def test_replace_linear_checks_shapes():
