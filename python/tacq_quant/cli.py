@@ -251,6 +251,11 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="multiple-choice task: piqa:PATH (eval half by default; @all for every item)")
     p.add_argument("--task-limit", type=_positive_int, help="evaluate only the first N items of the part")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="perplexity windows per forward")
+    p.add_argument("--harness", help="also run lm-evaluation-harness tasks on the same model, from local files: "
+                                      "piqa, wikitext (evaluation halves), piqa@all, wikitext@all (comma-separated)")
+    p.add_argument("--data-dir", help="--harness: directory with piqa/valid.jsonl and wikitext-2-raw/wiki.test.raw "
+                                      "(default: the files of --task and --ppl, else $TACQ_DATA_DIR)")
+    p.add_argument("--harness-limit", type=_positive_int, help="--harness: only the first N documents of each task")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
@@ -261,8 +266,13 @@ def _run_eval(args) -> int:
     from .data import TEXT_KINDS, check_readable, parse_spec
     from .evaluate import multiple_choice, perplexity
 
-    if not args.ppl and not args.task:
-        raise CliError("nothing to evaluate: give --ppl and/or --task")
+    if not args.ppl and not args.task and not args.harness:
+        raise CliError("nothing to evaluate: give --ppl, --task and/or --harness")
+    if args.harness:
+        from .harness import import_lm_eval, task_names
+
+        task_names(args.harness)
+        import_lm_eval()
     if args.ppl and parse_spec(args.ppl).kind not in TEXT_KINDS:
         raise CliError(f"--ppl needs a text source (text:, wikitext2:, hf: or a path), got {args.ppl}")
     if args.task and parse_spec(args.task).kind != "piqa":
@@ -288,6 +298,10 @@ def _run_eval(args) -> int:
         print(f"accuracy {100 * r['acc_norm']:.2f} % (acc_norm, +-{100 * r['stderr']:.2f}), "
               f"acc {100 * r['acc']:.2f} %, acc_token_norm {100 * r['acc_token_norm']:.2f} %  "
               f"({r['protocol']}; {r['seconds']:.1f} s)")
+    if args.harness:
+        from .harness import eval_harness
+
+        eval_harness(args, model, tok, results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -14,8 +14,11 @@ item and each candidate continuation, ``context + continuation`` is tokenized, t
 tokenization is removed from the front, and the log-likelihood of the continuation tokens given
 everything before them is summed. Reported: ``acc`` (argmax of the summed log-likelihood),
 ``acc_norm`` (argmax of log-likelihood divided by the continuation's length in characters, the
-harness's length normalisation, tokenizer-independent; this is the headline number) and
-``acc_token_norm`` (divided by the continuation's token count).
+harness's length normalisation up to one character, tokenizer-independent; this is the headline number) and
+``acc_token_norm`` (divided by the continuation's token count). ``per_item`` keeps, for every
+item, its index (0-based line), label, the log-likelihood, characters and tokens of each choice.
+lm-eval's ``acc_norm`` divides by the characters of the choice *without* the leading space (one
+fewer); :func:`tacq_quant.harness.compare_piqa` measures what that changes.
 """
 
 from __future__ import annotations
@@ -170,12 +173,15 @@ def multiple_choice(model, tokenizer, spec: str, *, limit: int | None = None, ma
             owners.append(it)
     lls = continuation_logprobs(model, requests, max_batch_tokens=max_batch_tokens, progress=progress)
     correct = {"acc": 0, "acc_norm": 0, "acc_token_norm": 0}
+    per_item = []
     r = 0
     for it in items:
         k = len(it.choices)
         ll = lls[r:r + k]
         n_tok = [len(requests[r + j][1]) for j in range(k)]
         r += k
+        per_item.append({"index": it.index, "label": it.label, "ll": ll, "chars": [len(c) for c in it.choices],
+                         "tokens": n_tok})
         scores = {
             "acc": ll,
             "acc_norm": [ll[j] / max(1, len(it.choices[j])) for j in range(k)],
@@ -186,7 +192,7 @@ def multiple_choice(model, tokenizer, spec: str, *, limit: int | None = None, ma
     n = len(items)
     res = {key: v / n for key, v in correct.items()}
     res["stderr"] = math.sqrt(res["acc_norm"] * (1 - res["acc_norm"]) / n)
-    res.update({"items": n, "source": source, "seconds": time.perf_counter() - t0,
+    res.update({"items": n, "source": source, "seconds": time.perf_counter() - t0, "per_item": per_item,
                 "protocol": f"{source}: {n} items, length-normalised log-likelihood "
                             f"(acc_norm: per character of the continuation)"})
     return res
