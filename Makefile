@@ -37,7 +37,14 @@ $(T457)/.installed: $(VENV)/.installed
 	$(PIP) install -q --target $(T457) --no-deps "transformers==4.57.6" "tokenizers>=0.22,<0.23" "huggingface_hub>=0.34,<1.0"
 	@touch $@
 
-test: venv $(T457)/.installed
+# lm-evaluation-harness for tests/test_harness.py: its dependencies fit the venv (transformers 5,
+# this torch; it asks for no torch of its own), so it goes in the same environment
+LM_EVAL := $(VENV)/.lm_eval-0.4.13
+$(LM_EVAL): $(VENV)/.installed
+	$(PIP) install -q "lm_eval==0.4.13"
+	@touch $@
+
+test: venv $(T457)/.installed $(LM_EVAL)
 	$(PY) -m pytest -q -ra tests $(ARGS)
 	@echo "== the Hugging Face tests again with transformers 4.57"
 	PYTHONPATH=$(T457) $(PY) -c "import transformers as t; assert t.__version__.startswith('4.57'), t.__version__"

@@ -20,8 +20,11 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{path}")
 ```
 
-Without `import tacq_kernels`, transformers does not know the format: it warns
-"Unknown quantization type, got tacq_kernels" and the quantized layers are NOT loaded.
+This needs the `tacq-kernels` package (`pip install tacq-kernels`). Installed, it registers the
+format by itself in any process that loads this checkpoint through transformers (lm-eval,
+pipelines, ...), even without `import tacq_kernels`. Where the package is missing, transformers
+warns "Unknown quantization type, got tacq_kernels" and the quantized layers are NOT loaded
+(random weights).
 """
 
 
