@@ -17,6 +17,7 @@ pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (m
 from tacq_quant.cli import main  # noqa: E402
 from tacq_quant.data import DataError, split_item_indices, split_rows  # noqa: E402
 from tacq_quant.harness import TASKS_DIR, compare_piqa  # noqa: E402
+from tacq_quant.harness import main as compare_main  # noqa: E402
 
 WIKI = (
     " \n = Alpha = \n \n Alpha is the first letter of the Greek alphabet @-@ it comes first , always .\n \n"
@@ -76,7 +77,7 @@ def rolling_loglikelihood(model, token_ids, prefix_id):
     return float(logp[torch.arange(len(token_ids)), torch.tensor(token_ids)].sum())
 
 
-def test_lm_eval_command_on_checkpoint_agrees_with_tacq_eval(harness_case, tmp_path):
+def test_lm_eval_command_on_checkpoint_agrees_with_tacq_eval(harness_case, tmp_path, capsys):
     """`lm_eval --model hf` in a fresh process (no `import tacq_kernels`) on a tacq_kernels checkpoint
     with the local tasks: the PIQA decisions of tacq eval, item by item, and WikiText documents
     scored as lm-eval's rolling log-likelihood of the detokenized page."""
@@ -91,8 +92,8 @@ def test_lm_eval_command_on_checkpoint_agrees_with_tacq_eval(harness_case, tmp_p
     assert run.returncode == 0, run.stderr[-4000:]
     assert "Unknown quantization type" not in run.stderr
     results = json.loads(open(glob.glob(str(out_dir / "*" / "results_*.json"))[0]).read())["results"]
-    samples = {t: [json.loads(line) for line in open(glob.glob(str(out_dir / "*" / f"samples_{t}_*.jsonl"))[0])]
-               for t in ("tacq_piqa", "tacq_wikitext_all")}
+    files = {t: glob.glob(str(out_dir / "*" / f"samples_{t}_*.jsonl"))[0] for t in ("tacq_piqa", "tacq_wikitext_all")}
+    samples = {t: [json.loads(line) for line in open(f)] for t, f in files.items()}
 
     ours = tacq_eval_json(ckpt, data, tmp_path / "tacq.json")["task"]
     piqa = samples["tacq_piqa"]
@@ -102,6 +103,9 @@ def test_lm_eval_command_on_checkpoint_agrees_with_tacq_eval(harness_case, tmp_p
     assert agree["same_decisions"]["acc"] == 6 and agree["same_decisions"]["acc_norm_same_normalisation"] == 6
     assert agree["max_abs_loglik_diff"] < 1e-3, agree
     assert results["tacq_piqa"]["acc,none"] == pytest.approx(ours["acc"])
+    capsys.readouterr()
+    assert compare_main([str(tmp_path / "tacq.json"), files["tacq_piqa"]]) == 0  # python -m tacq_quant.harness
+    assert "6 common items, the same decision on acc 6/6" in capsys.readouterr().out
 
     import tacq_kernels
 

@@ -120,6 +120,13 @@ def compare_piqa(tacq_task: dict, samples: list[dict]) -> dict:
     return {"items": len(rows), "same_decisions": same, "max_abs_loglik_diff": max_dll}
 
 
+def agreement_line(agree: dict) -> str:
+    n, same = agree["items"], agree["same_decisions"]
+    return (f"{n} common items, the same decision on acc {same['acc']}/{n}, acc_norm {same['acc_norm']}/{n} "
+            f"({same['acc_norm_same_normalisation']}/{n} with lm-eval's divisor); "
+            f"max |log-likelihood difference| {agree['max_abs_loglik_diff']:.2e}")
+
+
 def eval_harness(args, model, tokenizer, results: dict) -> None:
     """``tacq eval --harness``: run the tasks, print their numbers and, next to a ``--task piqa``
     result, the per-item agreement; store all of it under ``results["harness"]``."""
@@ -145,8 +152,27 @@ def eval_harness(args, model, tokenizer, results: dict) -> None:
         if "task" in results:
             agree = compare_piqa(results["task"], samples)
             report.setdefault("agreement", {})[name] = agree
-            n, same = agree["items"], agree["same_decisions"]
-            print(f"per-item agreement of {name} with tacq eval on {n} common items: acc {same['acc']}/{n}, "
-                  f"acc_norm {same['acc_norm']}/{n} ({same['acc_norm_same_normalisation']}/{n} with lm-eval's "
-                  f"divisor), max |log-likelihood difference| {agree['max_abs_loglik_diff']:.2e}")
+            print(f"per-item agreement of {name} with tacq eval: {agreement_line(agree)}")
     results["harness"] = report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tacq_quant.harness TACQ_JSON SAMPLES_JSONL``: per-item PIQA agreement between a
+    ``tacq eval --task piqa:... --json`` result and an ``lm_eval --log_samples`` samples file."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m tacq_quant.harness", description=main.__doc__.split("\n")[0])
+    p.add_argument("tacq_json", help="tacq eval --json output with a --task piqa result")
+    p.add_argument("samples", help="lm_eval's samples_tacq_piqa*_*.jsonl (from --log_samples)")
+    args = p.parse_args(argv)
+    with open(args.tacq_json) as f:
+        task = json.load(f)["task"]
+    with open(args.samples) as f:
+        samples = [json.loads(line) for line in f if line.strip()]
+    print(agreement_line(compare_piqa(task, samples)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
