@@ -1,10 +1,12 @@
 """Start-up cost of the transformers autoload hook (``tacq_kernels_autoload.pth``).
 
-Times fresh interpreters of this environment with the package installed and "not installed"
-(its start-up files hidden: the two ``.pth`` files and the ``.dist-info`` that ``import torch``
-scans for entry points, renamed for the run and restored after), the two states interleaved run
-by run so that the load of other processes drifts into both alike. Median (and min, max) of
-``--runs`` runs per command and state:
+Times fresh interpreters of this environment in three states, interleaved run by run so that
+the load of other processes drifts into all alike: the package installed; installed but without
+the hook (``tacq_kernels_autoload.pth`` hidden: the package as it was before the hook); and "not
+installed" (also its editable-install ``.pth`` and the ``.dist-info`` that ``import torch`` scans
+for entry points hidden). Files are hidden by renaming them for one run and restored after.
+Median (and min, max) of ``--runs`` runs per command and state, plus the hook module's own
+import time as ``-X importtime`` reports it:
 
 * ``pass``: interpreter start-up alone (the ``.pth`` runs in every interpreter);
 * ``import torch``: must not change (the hook imports no torch, transformers or Triton);
@@ -38,10 +40,26 @@ def package_files(site: str) -> list[str]:
     return [f for f in files if os.path.exists(f)]
 
 
-def timed(code: str, cwd: str) -> float:
+STATES = ("installed", "without the hook", "not installed")
+
+
+def hidden_in(state: str, files: list[str]) -> list[str]:
+    if state == "installed":
+        return []
+    if state == "without the hook":
+        return [f for f in files if f.endswith("tacq_kernels_autoload.pth")]
+    return files
+
+
+def timed(code: str, cwd: str) -> tuple[float, float | None]:
+    """Wall time of a fresh interpreter running ``code``, and the import time of the hook module."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd, capture_output=True)
-    return time.perf_counter() - t0
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, cwd=cwd,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    hook = [int(line.split("|")[0].split(":")[1]) * 1e-6 for line in out.stderr.splitlines()
+            if line.split("|")[-1].strip() == "tacq_kernels_autoload"]
+    return wall, (hook[0] if hook else None)
 
 
 def main() -> int:
@@ -56,36 +74,44 @@ def main() -> int:
         sys.exit(f"no tacq_kernels_autoload.pth in {site}: install the package first")
     cwd = os.path.expanduser("~")  # not the repository: its tacq_kernels/ would import from the cwd
     names = args.commands.split(",")
-    times = {n: {"installed": [], "not installed": []} for n in names}
+    times = {n: {state: [] for state in STATES} for n in names}
+    hook_import = []
     try:
         for _ in range(args.runs):
             for name in names:
-                for state in ("installed", "not installed"):
+                for state in STATES:
+                    hide = hidden_in(state, files)
                     for f in files:  # hide or restore
-                        src, dst = (f + ".hidden", f) if state == "installed" else (f, f + ".hidden")
+                        src, dst = (f, f + ".hidden") if f in hide else (f + ".hidden", f)
                         if os.path.exists(src):
                             os.rename(src, dst)
-                    times[name][state].append(timed(COMMANDS[name], cwd))
+                    wall, hook = timed(COMMANDS[name], cwd)
+                    times[name][state].append(wall)
+                    if hook is not None:
+                        hook_import.append(hook)
     finally:
         for f in files:
             if os.path.exists(f + ".hidden"):
                 os.rename(f + ".hidden", f)
     load = os.getloadavg()
-    print(f"{'command':<36} {'installed':>22} {'not installed':>22} {'difference':>11}")
+    print(f"{'command':<36}" + "".join(f" {st:>26}" for st in STATES))
     rows = {}
     for name in names:
         s = {state: (statistics.median(v), min(v), max(v)) for state, v in times[name].items()}
-        diff = s["installed"][0] - s["not installed"][0]
-        rows[name] = {"median_s": {k: v[0] for k, v in s.items()}, "runs_s": times[name], "difference_s": diff}
-        fmt = lambda t: f"{t[0] * 1e3:7.0f} ms ({t[1] * 1e3:.0f}-{t[2] * 1e3:.0f})"  # noqa: E731
-        print(f"{name:<36} {fmt(s['installed']):>22} {fmt(s['not installed']):>22} {diff * 1e3:+8.0f} ms")
-    print(f"median of {args.runs} runs each, interleaved; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+        rows[name] = {"median_s": {k: v[0] for k, v in s.items()}, "runs_s": times[name]}
+        fmt = lambda t: f"{t[0] * 1e3:.0f} ms ({t[1] * 1e3:.0f}-{t[2] * 1e3:.0f})"  # noqa: E731
+        print(f"{name:<36}" + "".join(f" {fmt(s[st]):>26}" for st in STATES))
+    if hook_import:
+        print(f"import of tacq_kernels_autoload itself (-X importtime, {len(hook_import)} runs): median "
+              f"{statistics.median(hook_import) * 1e3:.2f} ms (min {min(hook_import) * 1e3:.2f})")
+    print(f"median (min-max) of {args.runs} runs each, interleaved; load average {load[0]:.1f} {load[1]:.1f} "
+          f"{load[2]:.1f}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"runs": args.runs, "load_average": load, "python": platform.python_version(),
-                       "results": rows}, f, indent=1)
+                       "results": rows, "hook_import_s": hook_import}, f, indent=1)
     return 0
 
 
