@@ -5,8 +5,9 @@ the load of other processes drifts into all alike: the package installed; instal
 the hook (``tacq_kernels_autoload.pth`` hidden: the package as it was before the hook); and "not
 installed" (also its editable-install ``.pth`` and the ``.dist-info`` that ``import torch`` scans
 for entry points hidden). Files are hidden by renaming them for one run and restored after.
-Median (and min, max) of ``--runs`` runs per command and state, plus the hook module's own
-import time as ``-X importtime`` reports it:
+Median (and min, max) of ``--runs`` runs per command and state, of the wall time and of the CPU
+time (user + system, steadier on a shared machine), plus the hook module's own import time as
+``-X importtime`` reports it:
 
 * ``pass``: interpreter start-up alone (the ``.pth`` runs in every interpreter);
 * ``import torch``: must not change (the hook imports no torch, transformers or Triton);
@@ -23,6 +24,7 @@ import glob
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -51,15 +53,22 @@ def hidden_in(state: str, files: list[str]) -> list[str]:
     return files
 
 
-def timed(code: str, cwd: str) -> tuple[float, float | None]:
-    """Wall time of a fresh interpreter running ``code``, and the import time of the hook module."""
+def timed(code: str, cwd: str) -> tuple[float, float, float | None]:
+    """Wall time and CPU time (user + system) of a fresh interpreter running ``code``, and the
+    import time of the hook module. On a shared machine the CPU time is the steadier measure:
+    waiting for a busy core counts in the wall time only."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code], check=True, cwd=cwd,
-                         capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-c", code], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    hook = [int(line.split("|")[0].split(":")[1]) * 1e-6 for line in out.stderr.splitlines()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
+    if proc.returncode != 0:
+        raise RuntimeError(f"{code!r} failed: {err[-2000:]}")
+    hook = [int(line.split("|")[0].split(":")[1]) * 1e-6 for line in err.splitlines()
             if line.split("|")[-1].strip() == "tacq_kernels_autoload"]
-    return wall, (hook[0] if hook else None)
+    return wall, usage.ru_utime + usage.ru_stime, (hook[0] if hook else None)
 
 
 def main() -> int:
@@ -75,18 +84,21 @@ def main() -> int:
     cwd = os.path.expanduser("~")  # not the repository: its tacq_kernels/ would import from the cwd
     names = args.commands.split(",")
     times = {n: {state: [] for state in STATES} for n in names}
+    cpu = {n: {state: [] for state in STATES} for n in names}
     hook_import = []
+    order = random.Random(0)  # a new order of the states every round: no state always runs first
     try:
         for _ in range(args.runs):
             for name in names:
-                for state in STATES:
+                for state in order.sample(STATES, len(STATES)):
                     hide = hidden_in(state, files)
                     for f in files:  # hide or restore
                         src, dst = (f, f + ".hidden") if f in hide else (f + ".hidden", f)
                         if os.path.exists(src):
                             os.rename(src, dst)
-                    wall, hook = timed(COMMANDS[name], cwd)
+                    wall, cpu_s, hook = timed(COMMANDS[name], cwd)
                     times[name][state].append(wall)
+                    cpu[name][state].append(cpu_s)
                     if hook is not None:
                         hook_import.append(hook)
     finally:
@@ -94,13 +106,15 @@ def main() -> int:
             if os.path.exists(f + ".hidden"):
                 os.rename(f + ".hidden", f)
     load = os.getloadavg()
-    print(f"{'command':<36}" + "".join(f" {st:>26}" for st in STATES))
+    print(f"{'command':<36} {'':>5}" + "".join(f" {st:>26}" for st in STATES))
     rows = {}
+    fmt = lambda t: f"{t[0] * 1e3:.0f} ms ({t[1] * 1e3:.0f}-{t[2] * 1e3:.0f})"  # noqa: E731
     for name in names:
-        s = {state: (statistics.median(v), min(v), max(v)) for state, v in times[name].items()}
-        rows[name] = {"median_s": {k: v[0] for k, v in s.items()}, "runs_s": times[name]}
-        fmt = lambda t: f"{t[0] * 1e3:.0f} ms ({t[1] * 1e3:.0f}-{t[2] * 1e3:.0f})"  # noqa: E731
-        print(f"{name:<36}" + "".join(f" {fmt(s[st]):>26}" for st in STATES))
+        rows[name] = {}
+        for label, data in (("wall", times[name]), ("cpu", cpu[name])):
+            s = {state: (statistics.median(v), min(v), max(v)) for state, v in data.items()}
+            rows[name][label] = {"median_s": {k: v[0] for k, v in s.items()}, "runs_s": data}
+            print(f"{name if label == 'wall' else '':<36} {label:>5}" + "".join(f" {fmt(s[st]):>26}" for st in STATES))
     if hook_import:
         print(f"import of tacq_kernels_autoload itself (-X importtime, {len(hook_import)} runs): median "
               f"{statistics.median(hook_import) * 1e3:.2f} ms (min {min(hook_import) * 1e3:.2f})")
