@@ -18,7 +18,7 @@ finder removes itself and
 If importing tacq_kernels fails, the error is reported once on stderr and the placeholder is
 registered (its message names the failure); transformers itself carries on. Nothing here can
 make interpreter start-up or ``import transformers`` fail. Why a ``.pth`` file and not torch's
-``torch.backends`` entry points: docs/format.md ("Loading without import tacq_kernels").
+``torch.backends`` entry points: docs/integrations.md.
 """
 
 from __future__ import annotations
