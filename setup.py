@@ -54,6 +54,44 @@ class _WithAutoloadPth:
         return self._strategy.__exit__(*exc)
 # --- end transformers autoload
 
+# --- the optional CUDA C++ GEMV (csrc/, docs/cuda.md): built with ninja when torch has CUDA and
+# nvcc is present, unless TACQ_NO_CUDA_EXT=1; otherwise skipped (the package works without it).
+
+
+def cuda_extension_kwargs() -> dict:
+    """ext_modules/cmdclass for tacq_kernels._cuda, or {} with the reason printed."""
+    reason = None
+    if os.environ.get("TACQ_NO_CUDA_EXT", "0") == "1":
+        reason = "TACQ_NO_CUDA_EXT=1"
+    else:
+        try:
+            import torch
+            from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        except ImportError as e:  # torch is needed to build it (pip --no-build-isolation)
+            reason = f"torch not importable ({e})"
+        else:
+            import shutil
+
+            if torch.version.cuda is None:
+                reason = f"torch {torch.__version__} has no CUDA"
+            elif shutil.which("nvcc") is None and not (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))):
+                reason = "nvcc not found (PATH, CUDA_HOME)"
+    if reason is not None:
+        print(f"tacq-kernels: CUDA extension not built: {reason}")
+        return {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    ext = CUDAExtension(
+        "tacq_kernels._cuda",
+        sources=["csrc/tacq_ops.cpp", "csrc/tacq_gemv.cu"],
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+CUDA_EXT = cuda_extension_kwargs()
+# --- end CUDA extension
+
 setup(
     name="tacq-kernels",
     version="0.1.0",
@@ -79,5 +117,7 @@ setup(
         "bench": ["matplotlib"],  # the benchmarks' plots (benchmarks/*.py); make test installs it
     },
     entry_points={"console_scripts": ["tacq=tacq_quant.cli:main"]},
-    cmdclass={"build_py": build_py_with_autoload, "editable_wheel": editable_wheel_with_autoload},
+    cmdclass={"build_py": build_py_with_autoload, "editable_wheel": editable_wheel_with_autoload,
+              **CUDA_EXT.get("cmdclass", {})},
+    ext_modules=CUDA_EXT.get("ext_modules", []),
 )

@@ -19,9 +19,12 @@
 //   3     0x4800  8 + q      7-8 from q2, 9 from q1          8: rows (t, t+8) of a 16-row word
 //   4     0x4C00  16 + q     6-9                             4: rows (t, t+4) of an 8-row word
 //
-// The kernel multiplies that half2 by (x[t], x[t+8]) with one HFMA2 and removes the offset 2^b
-// once per column at the end: sum (2^b + q) x = sum q x + 2^b sum x, with sum x computed once per
-// call. For 3 bits the 1-bit word is first "spread" with one PRMT (spread_q1) so that rows t and
+// The kernel centres that half2 with one HADD2 (subtracting 2^b + c, c = (2^b - 1) / 2, so the
+// values are q - c in [-c, c], exact in fp16), multiplies it by (x[t], x[t+8]) with one HFMA2
+// into an fp16x2 partial sum, flushed to fp32 every 32 rows, and removes the centre once per
+// column at the end: sum (q - z) x = sum (q - c) x - (z - c) sum x, with the sums of x computed
+// once per call. (Without the centring, the offset 2^b + q makes the fp16 partial sums 2-3e-3
+// relative error at K = 4096 instead of 5-7e-4: docs/cuda.md.) For 3 bits the 1-bit word is first "spread" with one PRMT (spread_q1) so that rows t and
 // t+8 also sit 16 bits apart.
 
 #pragma once
@@ -42,6 +45,9 @@ TACQ_HD uint32_t shift(uint32_t w, int s) { return s >= 0 ? (w << s) : (w >> -s)
 // fp16 bit pattern of 2^bits (the magic number, also the offset removed at the end).
 TACQ_HD constexpr uint32_t magic_half(int bits) { return bits == 2 ? 0x4400u : bits == 3 ? 0x4800u : 0x4C00u; }
 TACQ_HD constexpr float magic_value(int bits) { return bits == 2 ? 4.0f : bits == 3 ? 8.0f : 16.0f; }
+// The centre c = (2^b - 1) / 2 of the codes, and what the kernel subtracts from a decoded pair.
+TACQ_HD constexpr float center_value(int bits) { return bits == 2 ? 1.5f : bits == 3 ? 3.5f : 7.5f; }
+TACQ_HD constexpr float centered_offset(int bits) { return magic_value(bits) + center_value(bits); }
 
 // K rows one plane word of the low plane (q2 or q4) covers, and fp16 pairs decoded from it.
 TACQ_HD constexpr int rows_per_word(int bits) { return bits == 4 ? 8 : 16; }

@@ -7,7 +7,8 @@
 //             and x in fp32, original order, for the CSR part.
 //   segment   per segment: block (column tile of 128, K split s) streams its chunks of plane
 //             words, 4 columns per thread (one 128-bit load per plane word row), decodes two
-//             codes per SHF+LOP3 into fp16 pairs 2^b + q, multiplies with one HFMA2 per pair,
+//             codes per SHF+LOP3 into fp16 pairs 2^b + q, centres them (HADD2: q - c) and
+//             multiplies with one HFMA2 per pair,
 //             flushes the fp16x2 sums to fp32 once per 32-row chunk, applies scale and zero per
 //             group (or once at the end for one group per row), adds its share of the CSR
 //             entries, reduces its 4 warps in shared memory and adds to the fp32 output.
@@ -85,12 +86,16 @@ __global__ void __launch_bounds__(32) prep_kernel(const T* __restrict__ x, int64
   if (i == 0) xsum[(int64_t)r * chunks_total + c] = f;
 }
 
-template <int BITS, int MODE, int MT>
+// CENTRED: subtract 2^b + c from each decoded pair (HADD2) before the HFMA2; fp16 partial sums
+// then stay small (5-7e-4 relative error at K = 4096). Uncentred (pairs 2^b + q, the offset
+// removed with the sums of x at the end) saves the HADD2 but its error is 2.4-3.4e-3: launched
+// only for bf16 x at M = 1, where bf16's own rounding (3.9e-3) is larger.
+template <int BITS, int MODE, int MT, bool CENTRED>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, Segment s, int with_sparse) {
   constexpr int WORDS = BITS == 4 ? 4 : 2;         // low-plane word rows per 32-row chunk
   constexpr int R = rows_per_word(BITS);           // K rows per word
   constexpr int P = pairs_per_word(BITS);          // fp16 pairs per word
-  constexpr float MAG = magic_value(BITS);
+  constexpr float CEN = CENTRED ? center_value(BITS) : -magic_value(BITS);  // offset left in the pairs: -CEN
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int N = a.n;
   const int n0 = blockIdx.x * kBlockN + lane * kCols;
@@ -142,6 +147,12 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, Segment s, i
 #pragma unroll
             for (int t = 0; t < P; ++t) d[t][j] = BITS == 2 ? pair2(lo, t) : BITS == 3 ? pair3(lo, u1, t) : pair4(lo, t);
           }
+          const __half2 off = __float2half2_rn(centered_offset(BITS));
+          __half2 dc[P][kCols];  // q - c if CENTRED (one HADD2 per pair, shared by the M rows)
+#pragma unroll
+          for (int t = 0; t < P; ++t)
+#pragma unroll
+            for (int j = 0; j < kCols; ++j) dc[t][j] = CENTRED ? __hsub2(as_half2(d[t][j]), off) : as_half2(d[t][j]);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
             const uint4* xq = reinterpret_cast<const uint4*>(xp + m * xstride + c * 32 + wi * R);
@@ -152,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, Segment s, i
             for (int t = 0; t < P; ++t) {
               const __half2 xt = as_half2(lane_of(xv[t >> 2], t & 3));
 #pragma unroll
-              for (int j = 0; j < kCols; ++j) h[m][j] = __hfma2(as_half2(d[t][j]), xt, h[m][j]);
+              for (int j = 0; j < kCols; ++j) h[m][j] = __hfma2(dc[t][j], xt, h[m][j]);
             }
           }
         }
@@ -174,7 +185,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, Segment s, i
             const uint32_t sw = j < 2 ? sv.x : sv.y, zw = j < 2 ? zv.x : zv.y;
             const float2 s2 = __half22float2(as_half2(sw)), z2 = __half22float2(as_half2(zw));
             sc[j] = (j & 1) ? s2.y : s2.x;
-            szm[j] = sc[j] * (((j & 1) ? z2.y : z2.x) + MAG);
+            szm[j] = sc[j] * (((j & 1) ? z2.y : z2.x) - CEN);
           }
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
@@ -209,14 +220,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, Segment s, i
       }
     }
 
-    if (MODE == kOneGroup) {  // y = s * (sum (2^b + q) x - (z + 2^b) * sum x)
+    if (MODE == kOneGroup) {  // y = s * (sum (q - c) x - (z - c) * sum x)
       const uint2 sv = __ldg(reinterpret_cast<const uint2*>(s.scale + n0));
       const uint2 zv = __ldg(reinterpret_cast<const uint2*>(s.zero + n0));
 #pragma unroll
       for (int j = 0; j < kCols; ++j) {
         const float2 s2 = __half22float2(as_half2(j < 2 ? sv.x : sv.y));
         const float2 z2 = __half22float2(as_half2(j < 2 ? zv.x : zv.y));
-        const float sc = (j & 1) ? s2.y : s2.x, zm = ((j & 1) ? z2.y : z2.x) + MAG;
+        const float sc = (j & 1) ? s2.y : s2.x, zm = ((j & 1) ? z2.y : z2.x) - CEN;
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[m][j] = sc * fmaf(-zm, xs[m], acc[m][j]);
       }
@@ -273,10 +284,15 @@ __global__ void finalize_kernel(const float* __restrict__ out32, const uint16_t*
 template <int BITS, int MODE>
 cudaError_t launch_mt(const GemvArgs& a, const Segment& s, dim3 grid, int with_sparse, cudaStream_t stream) {
   switch (rows_bucket(a.m)) {
-    case 1: gemv_kernel<BITS, MODE, 1><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
-    case 2: gemv_kernel<BITS, MODE, 2><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
-    case 4: gemv_kernel<BITS, MODE, 4><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
-    case 8: gemv_kernel<BITS, MODE, 8><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
+    case 1:
+      if (MODE != kGeneric && a.x_bf16)
+        gemv_kernel<BITS, MODE, 1, false><<<grid, kThreads, 0, stream>>>(a, s, with_sparse);
+      else
+        gemv_kernel<BITS, MODE, 1, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse);
+      break;
+    case 2: gemv_kernel<BITS, MODE, 2, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
+    case 4: gemv_kernel<BITS, MODE, 4, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
+    case 8: gemv_kernel<BITS, MODE, 8, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

@@ -33,6 +33,7 @@ struct GemvArgs {
   const float* xsum = nullptr;   // fp32 [MT, chunks_total]: sum of each chunk's fp16 x values
   const float* xf = nullptr;     // fp32 [m, k_total]: x in the original column order (CSR)
   int m = 1, n = 0, k_total = 0, chunks_total = 0;
+  int x_bf16 = 0;  // x was bf16: M = 1 runs the uncentred kernel (tacq_gemv.cu)
   const int32_t* row_ptr = nullptr;  // CSR [N+1]
   const void* col = nullptr;         // CSR columns, int16 or int32 [nnz]
   int col_int32 = 0;

@@ -4,8 +4,8 @@
 //
 // tacq_host_gemv re-states the kernel's loop (tacq_gemv.cu) on the host with the same decode
 // functions and the same algebra: x prepared in pair order per 32-row chunk, pairs 2^b + q from
-// pair2/pair3/pair4 (spread_q1 for the 1-bit plane), the offset 2^b and the zero removed with the
-// chunk sums of x, groups per chunk or once per row, the generic path one code at a time, the CSR
+// pair2/pair3/pair4 (spread_q1 for the 1-bit plane), centred (q - c), the centre and the zero
+// removed with the chunk sums of x, groups per chunk or once per row, the generic path one code at a time, the CSR
 // part. Only the arithmetic differs: fp32 products here, fp16x2 HFMA2 in the kernel (the tests
 // measure that difference separately).
 
@@ -49,7 +49,7 @@ void tacq_host_gemv(int m, int n, int k_total, const float* x, const int32_t* pe
     const int start = seg_ints[5 * si], k = seg_ints[5 * si + 1], bits = seg_ints[5 * si + 2];
     const int is_lut = seg_ints[5 * si + 3], group = seg_ints[5 * si + 4];
     const int chunks = (k + 31) / 32, words = bits == 4 ? 4 : 2, R = rows_per_word(bits);
-    const float mag = magic_value(bits);
+    const float off = centered_offset(bits), cen = center_value(bits);
     const int mode = is_lut ? 2 : group >= k ? 0 : group % 32 == 0 ? 1 : 2;
     for (int r = 0; r < m; ++r) {
       // prep: the fp32 x values in pair order, and the chunk sums
@@ -74,7 +74,8 @@ void tacq_host_gemv(int m, int n, int k_total, const float* x, const int32_t* pe
               float d[16];
               tacq_decode_word(bits, lo, bits == 3 ? spread_q1(hi, wi) : 0u, d);
               for (int t = 0; t < pairs_per_word(bits); ++t)  // pair t = positions 2t, 2t+1 of the word
-                f += d[t] * xp[c * 32 + wi * R + 2 * t] + d[t + pair_stride(bits)] * xp[c * 32 + wi * R + 2 * t + 1];
+                f += (d[t] - off) * xp[c * 32 + wi * R + 2 * t] +
+                     (d[t + pair_stride(bits)] - off) * xp[c * 32 + wi * R + 2 * t + 1];
             }
             if (mode == 0) {
               acc += f;
@@ -82,7 +83,7 @@ void tacq_host_gemv(int m, int n, int k_total, const float* x, const int32_t* pe
             } else {
               const int64_t g = (int64_t)(c * 32 / group) * n + col_n;
               const float sc = half_bits_to_float(scale[si][g]), z = half_bits_to_float(zero[si][g]);
-              acc += sc * f - sc * (z + mag) * xsum[c];
+              acc += sc * f - sc * (z - cen) * xsum[c];
             }
           } else {
             for (int wi = 0; wi < words; ++wi) {
@@ -104,7 +105,7 @@ void tacq_host_gemv(int m, int n, int k_total, const float* x, const int32_t* pe
           }
         }
         if (mode == 0)
-          acc = half_bits_to_float(scale[si][col_n]) * (acc - (half_bits_to_float(zero[si][col_n]) + mag) * xs);
+          acc = half_bits_to_float(scale[si][col_n]) * (acc - (half_bits_to_float(zero[si][col_n]) - cen) * xs);
         y[(int64_t)r * n + col_n] += acc;
       }
     }

@@ -26,7 +26,7 @@ bool aligned(const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t
 
 const uint16_t* half_ptr(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 
-at::Tensor gemv(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spec) {
+void gemv_into(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spec, const at::Tensor& out) {
   TORCH_CHECK(spec.size() >= kHeader, "tacq_cuda::gemv: spec_ints too short");
   const int64_t K = spec[0], N = spec[1], nseg = spec[5];
   const bool has_perm = spec[2] != 0, has_bias = spec[3] != 0;
@@ -95,7 +95,9 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spe
   at::Tensor xsum = at::empty({mt, (int64_t)chunks}, f32);
   at::Tensor xf = at::empty({M, K}, f32);
   at::Tensor out32 = at::zeros({M, N}, f32);
-  at::Tensor out = at::empty({M, N}, x.options());
+  TORCH_CHECK(out.is_cuda() && out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.dim() == 2 &&
+                  out.size(0) == M && out.size(1) == N && out.is_contiguous(),
+              "tacq_cuda::gemv: out must be a contiguous [M, N] tensor of x's dtype on x's device");
 
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   C10_CUDA_CHECK(tacq::prep(bf16, x.data_ptr(), x.stride(0), perm, segs.data(), (int)nseg, (int)M, (int)K, chunks,
@@ -109,6 +111,7 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spe
   a.n = (int)N;
   a.k_total = (int)K;
   a.chunks_total = chunks;
+  a.x_bf16 = bf16;
   a.row_ptr = row_ptr.data_ptr<int32_t>();
   a.col = col.data_ptr();
   a.col_int32 = col.scalar_type() == at::kInt;
@@ -121,16 +124,31 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spe
     C10_CUDA_CHECK(tacq::segment(a, segs[i], split, i == 0 && nnz > 0, stream));
   }
   C10_CUDA_CHECK(tacq::finalize(bf16, out32.data_ptr<float>(), bias, out.data_ptr(), (int)M, (int)N, stream));
+}
+
+at::Tensor gemv(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spec) {
+  TORCH_CHECK(x.dim() == 2 && spec.size() >= 2, "tacq_cuda::gemv: x must be [M, K]");
+  at::Tensor out = at::empty({x.size(0), spec[1]}, x.options());
+  gemv_into(x, tensors, spec, out);
   return out;
+}
+
+void gemv_out(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spec, at::Tensor out) {
+  gemv_into(x, tensors, spec, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(tacq_cuda, m) {
   m.def("gemv(Tensor x, Tensor[] tensors, int[] spec_ints) -> Tensor");
+  // writes every element of out (the GPU test poisons it with NaN first)
+  m.def("gemv_out(Tensor x, Tensor[] tensors, int[] spec_ints, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(tacq_cuda, CUDA, m) { m.impl("gemv", &gemv); }
+TORCH_LIBRARY_IMPL(tacq_cuda, CUDA, m) {
+  m.impl("gemv", &gemv);
+  m.impl("gemv_out", &gemv_out);
+}
 
 // setup.py builds this file into the Python extension module tacq_kernels._cuda; importing it
 // runs the registrations above.

@@ -12,7 +12,9 @@
 * returns: [M, N] in the dtype of ``x``.
 
 The op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through it.
-CUDA tensors run the Triton kernels (:mod:`tacq_kernels.kernels`); the choice of kernel by M
+CUDA tensors run the Triton kernels (:mod:`tacq_kernels.kernels`), or for M <= 8 the optional
+CUDA C++ GEMV where ``TACQ_CUDA`` enables it (:mod:`tacq_kernels.cuda_ext`; off by default until a
+GPU has verified it); the choice of kernel by M
 happens inside the op (:func:`tacq_kernels.kernels.path_for`), so a compiled model sees one op
 whatever the batch size and never recompiles for it. Other devices, and CUDA without Triton, run
 the pure-PyTorch reference (:mod:`tacq_kernels.reference`).
@@ -92,9 +94,13 @@ def _quant_linear_cuda(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: 
     layer = layer_from_op_args(tensors, spec_ints)
     if not _triton_available():
         return reference.linear(x, layer)
-    from . import kernels
+    from . import cuda_ext, kernels
 
-    return kernels.linear(x if x.stride(1) == 1 else x.contiguous(), layer)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    # The CUDA C++ GEMV (csrc/, docs/cuda.md) only where TACQ_CUDA allows it: off by default.
+    if x.shape[0] <= cuda_ext.MAX_M and cuda_ext.mode() != "0" and cuda_ext.use_cuda(x, layer):
+        return torch.ops.tacq_cuda.gemv(x, tensors, spec_ints)
+    return kernels.linear(x, layer)
 
 
 _TRITON: bool | None = None
