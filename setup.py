@@ -61,8 +61,11 @@ class _WithAutoloadPth:
 def cuda_extension_kwargs() -> dict:
     """ext_modules/cmdclass for tacq_kernels._cuda, or {} with the reason printed."""
     reason = None
+    here = os.path.dirname(os.path.abspath(__file__))
     if os.environ.get("TACQ_NO_CUDA_EXT", "0") == "1":
         reason = "TACQ_NO_CUDA_EXT=1"
+    elif not os.path.exists(os.path.join(here, "csrc", "tacq_gemv.cu")):
+        reason = "no csrc/ in this source tree"
     else:
         try:
             import torch
@@ -79,7 +82,6 @@ def cuda_extension_kwargs() -> dict:
     if reason is not None:
         print(f"tacq-kernels: CUDA extension not built: {reason}")
         return {}
-    here = os.path.dirname(os.path.abspath(__file__))
     ext = CUDAExtension(
         "tacq_kernels._cuda",
         sources=["csrc/tacq_ops.cpp", "csrc/tacq_gemv.cu"],

@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(32) prep_kernel(const T* __restrict__ x, int64
 // removed with the sums of x at the end) saves the HADD2 but its error is 2.4-3.4e-3: launched
 // only for bf16 x at M = 1, where bf16's own rounding (3.9e-3) is larger.
 template <int BITS, int MODE, int MT, bool CENTRED>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, Segment s, int with_sparse) {
+__global__ void __launch_bounds__(kThreads, 1) gemv_kernel(GemvArgs a, Segment s, int with_sparse) {
   constexpr int WORDS = BITS == 4 ? 4 : 2;         // low-plane word rows per 32-row chunk
   constexpr int R = rows_per_word(BITS);           // K rows per word
   constexpr int P = pairs_per_word(BITS);          // fp16 pairs per word

@@ -133,7 +133,7 @@ at::Tensor gemv(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spe
   return out;
 }
 
-void gemv_out(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spec, at::Tensor out) {
+void gemv_out(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef spec, const at::Tensor& out) {
   gemv_into(x, tensors, spec, out);
 }
 

@@ -60,6 +60,18 @@ def nvcc_path() -> str | None:
     return None
 
 
+def cuda_include_dir() -> str | None:
+    """The CUDA toolkit's include directory (cuda_runtime_api.h), next to nvcc or under
+    CUDA_HOME / CUDA_PATH / /usr/local/cuda (nvcc may be a wrapper script elsewhere)."""
+    nvcc = nvcc_path()
+    roots = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    roots += [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    for root in roots:
+        if root and os.path.exists(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return os.path.join(root, "include")
+    return None
+
+
 def build_skip_reason() -> str | None:
     """Why the extension is not built here (None: it can be): TACQ_NO_CUDA_EXT=1, a torch
     without CUDA, or no nvcc."""
@@ -385,3 +397,87 @@ def _probe(x: torch.Tensor, layer) -> bool:
     use = correct and t_cuda < t_triton
     tuning._cache[key] = {"use": use, "rel_err": err, "cuda_ms": t_cuda, "triton_ms": t_triton}
     return use
+
+
+# --------------------------------------------------------------------------------------------
+# The SASS cost report of the CUDA kernel, beside the Triton GEMV's
+# --------------------------------------------------------------------------------------------
+
+SASS_CASES = [  # (bits, mode, group label, decoder, MT, centred)
+    (b, mode, group, dec, mt, centred)
+    for b in (2, 3, 4)
+    for mode, group, dec in ((0, "row", "affine"), (1, "g128", "affine"), (2, "-", "lut"))
+    for mt, centred in ((1, False), (1, True), (8, True))
+    if not (mode == 2 and not centred)
+]
+
+
+def sass_records(archs=(90, 80), triton_report: str | None = None) -> list[dict]:
+    """Count every SASS_CASES instantiation's chunk loop per weight (compiling, cached, as the
+    tests do) and put the Triton GEMV's count of the same case (benchmarks/results/static/
+    sass_report.json: gemv1 / gemv8, no perm) beside it."""
+    import json
+
+    from .kernels.sass import count_hot_loop
+
+    triton_report = triton_report or os.path.join(ROOT, "benchmarks", "results", "static", "sass_report.json")
+    triton = {}
+    if os.path.exists(triton_report):
+        with open(triton_report) as f:
+            for r in json.load(f)["records"]:
+                if r["path"] in ("gemv1", "gemv8") and not r["perm"]:
+                    triton[(r["path"], r["bits"], r["decoder"], r["group"], r["arch"])] = r["per_weight"]
+    out = []
+    for arch in archs:
+        cubin, ptxas = compile_cubin(arch)
+        for bits, mode, group, dec, mt, centred in SASS_CASES:
+            name = kernel_name(bits, mode, mt, centred)
+            trips = {1: 32} if mode == 2 else None  # the generic path keeps its loop over the chunk's rows
+            c = count_hot_loop(cubin, name, weights_per_iteration(bits), inner_trips=trips)
+            usage = next(v for k, v in ptxas.items() if name in k)
+            out.append(dict(
+                arch=arch, bits=bits, decoder=dec, group=group, M=mt, centred=centred, kernel=name,
+                per_weight=c.per_weight, classes=c.classes, load_bytes=c.load_bytes, registers=usage["registers"],
+                spill_bytes=usage["spill_stores"] + usage["spill_loads"],
+                triton_per_weight=triton.get((f"gemv{mt}", bits, dec, group, arch)),
+            ))
+    return out
+
+
+def sass_markdown(records: list[dict]) -> str:
+    lines = ["| case | M | centred | sm | CUDA instr/w | Triton gemv instr/w | registers | spills | top classes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(r["classes"].items())[:4])
+        tri = "-" if r["triton_per_weight"] is None else f"{r['triton_per_weight']:.2f}"
+        case = f"{r['bits']}b {r['decoder']}" + ("" if r["group"] == "-" else f" {r['group']}")
+        lines.append(f"| {case} | {r['M']} | {'yes' if r['centred'] else 'no'} | {r['arch']} | {r['per_weight']:.2f} | "
+                     f"{tri} | {r['registers']} | {r['spill_bytes']} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """python -m tacq_kernels.cuda_ext [--arch 90 80] [--out benchmarks/results/static]: the SASS
+    report of the CUDA kernel (cuda_sass_report.json / .md)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "static"))
+    args = parser.parse_args(argv)
+    records = sass_records(args.arch)
+    md = sass_markdown(records)
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    nvcc = subprocess.run([nvcc_path(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    with open(os.path.join(args.out, "cuda_sass_report.json"), "w") as f:
+        json.dump(dict(commit=commit, nvcc=nvcc, flags=NVCC_FLAGS, records=records), f, indent=1)
+    with open(os.path.join(args.out, "cuda_sass_report.md"), "w") as f:
+        f.write(f"CUDA GEMV (csrc/tacq_gemv.cu) hot-loop counts, nvcc {nvcc}, commit {commit}\n\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

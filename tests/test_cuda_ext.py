@@ -233,7 +233,8 @@ def test_binding_compiles_against_torch_headers(tmp_path):
     shim = tmp_path / "c10" / "cuda" / "impl"
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "include")
+    cuda_include = cuda_ext.cuda_include_dir()
+    assert cuda_include is not None, "nvcc found but no cuda_runtime_api.h"
     cmd = ["nice", "-n", "10", "c++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_cuda", f"-I{tmp_path}",
            *[f"-I{p}" for p in include_paths()], f"-I{cuda_include}", f"-I{sysconfig.get_paths()['include']}",
            f"-I{cuda_ext.CSRC}", cuda_ext.BINDING_SOURCE]

@@ -79,7 +79,8 @@ def test_compile_graph_and_dispatch(monkeypatch):
     x = torch.randn(1, 4096, device="cuda").half()
     want = torch.ops.tacq_cuda.gemv(x, tensors, ints)
     compiled = torch.compile(lambda x: torch.ops.tacq_cuda.gemv(x, tensors, ints), fullgraph=True)
-    assert torch.equal(compiled(x), want)
+    got = compiled(x)
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-5  # atomics: sum order may differ
     graph = torch.cuda.CUDAGraph()
     static_out = torch.empty_like(want)
     torch.cuda.synchronize()
