@@ -169,7 +169,7 @@ def weights_per_iteration(bits: int) -> int:
 
 def count_sass(cubin: str, bits: int, mode: int = 0, mt: int = 1, centred: bool = True):
     """The SASS cost report's count (tacq_kernels.kernels.sass) of one instantiation's hot loop."""
-    from .kernels.sass import count_hot_loop
+    from .kernels.sass import count_hot_loop, disassemble
 
     return count_hot_loop(cubin, kernel_name(bits, mode, mt, centred), weights_per_iteration(bits))
 
@@ -418,7 +418,7 @@ def sass_records(archs=(90, 80), triton_report: str | None = None) -> list[dict]
     sass_report.json: gemv1 / gemv8, no perm) beside it."""
     import json
 
-    from .kernels.sass import count_hot_loop
+    from .kernels.sass import count_hot_loop, disassemble
 
     triton_report = triton_report or os.path.join(ROOT, "benchmarks", "results", "static", "sass_report.json")
     triton = {}
@@ -430,10 +430,11 @@ def sass_records(archs=(90, 80), triton_report: str | None = None) -> list[dict]
     out = []
     for arch in archs:
         cubin, ptxas = compile_cubin(arch)
+        listing = disassemble(cubin)  # once per arch: count_hot_loop takes the listing
         for bits, mode, group, dec, mt, centred in SASS_CASES:
             name = kernel_name(bits, mode, mt, centred)
             trips = {1: 32} if mode == 2 else None  # the generic path keeps its loop over the chunk's rows
-            c = count_hot_loop(cubin, name, weights_per_iteration(bits), inner_trips=trips)
+            c = count_hot_loop(listing, name, weights_per_iteration(bits), inner_trips=trips)
             usage = next(v for k, v in ptxas.items() if name in k)
             out.append(dict(
                 arch=arch, bits=bits, decoder=dec, group=group, M=mt, centred=centred, kernel=name,

@@ -204,9 +204,11 @@ def test_sass_count_meets_the_targets_on_sm90(cubins):
     per row, counted by the same report as the Triton path (tacq_kernels.kernels.sass). The
     uncentred kernel (bf16 x at M = 1) meets them; the centred one (fp16 x, the accurate one)
     pays one HADD2 per two weights more (docs/cuda.md)."""
-    cubin, _ = cubins[90]
+    from tacq_kernels.kernels.sass import disassemble
+
+    listing = disassemble(cubins[90][0])  # once: count_sass accepts the listing
     for centred in (False, True):
-        counts = {bits: cuda_ext.count_sass(cubin, bits, mode=0, mt=1, centred=centred) for bits in (2, 3, 4)}
+        counts = {bits: cuda_ext.count_sass(listing, bits, mode=0, mt=1, centred=centred) for bits in (2, 3, 4)}
         for bits, c in counts.items():
             print(f"CUDA gemv sm_90 M=1 {bits}-bit affine per row{' centred' if centred else ''}: "
                   f"{c.per_weight:.2f} instr/weight {c.classes}")
