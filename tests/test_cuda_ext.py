@@ -206,6 +206,12 @@ def test_sass_count_meets_the_targets_on_sm90(cubins):
     pays one HADD2 per two weights more (docs/cuda.md)."""
     from tacq_kernels.kernels.sass import disassemble
 
+    import json
+
+    with open(os.path.join(cuda_ext.ROOT, "benchmarks", "results", "static", "cuda_sass_report.json")) as f:
+        committed = json.load(f)
+    assert {(r["arch"], r["spill_bytes"]) for r in committed["records"]} == {(90, 0), (80, 0)}
+    assert len(committed["records"]) == 2 * len(cuda_ext.SASS_CASES)
     listing = disassemble(cubins[90][0])  # once: count_sass accepts the listing
     for centred in (False, True):
         counts = {bits: cuda_ext.count_sass(listing, bits, mode=0, mt=1, centred=centred) for bits in (2, 3, 4)}
@@ -223,6 +229,11 @@ def test_sass_count_meets_the_targets_on_sm90(cubins):
         assert counts[2].per_weight <= 2.0 + extra
         assert counts[3].per_weight <= 3.0 + extra
         assert counts[4].per_weight <= 2.0 + extra
+        # the committed report (python -m tacq_kernels.cuda_ext) is the current kernel's
+        for bits, c in counts.items():
+            rec = next(r for r in committed["records"] if (r["arch"], r["bits"], r["decoder"], r["group"], r["M"],
+                                                           r["centred"]) == (90, bits, "affine", "row", 1, centred))
+            assert rec["per_weight"] == pytest.approx(c.per_weight), "regenerate cuda_sass_report"
 
 
 @needs_nvcc
