@@ -1,5 +1,8 @@
 """Time the CUDA C++ GEMV (tacq_cuda::gemv) against the Triton GEMV and torch.matmul (fp16 W).
 
+The Triton GEMV runs its tuned config, or its default one under TACQ_AUTOTUNE=0 (what
+benchmarks/gpu_check.sh uses, to fit its budget; bench-kernels times the tuned Triton paths).
+
     python benchmarks/bench_cuda_gemv.py [--dry-run] [--out cuda-gemv.json] [--tuning-cache FILE]
 
 Llama-3-8B and Llama-2-70B layer shapes, M = 1, 4, 8, 2- and 3-bit affine per row (TACQ's
