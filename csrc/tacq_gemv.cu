@@ -285,10 +285,13 @@ template <int BITS, int MODE>
 cudaError_t launch_mt(const GemvArgs& a, const Segment& s, dim3 grid, int with_sparse, cudaStream_t stream) {
   switch (rows_bucket(a.m)) {
     case 1:
-      if (MODE != kGeneric && a.x_bf16)
-        gemv_kernel<BITS, MODE, 1, false><<<grid, kThreads, 0, stream>>>(a, s, with_sparse);
-      else
-        gemv_kernel<BITS, MODE, 1, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse);
+      if constexpr (MODE != kGeneric) {  // the generic path has no pairs to centre
+        if (a.x_bf16) {
+          gemv_kernel<BITS, MODE, 1, false><<<grid, kThreads, 0, stream>>>(a, s, with_sparse);
+          break;
+        }
+      }
+      gemv_kernel<BITS, MODE, 1, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse);
       break;
     case 2: gemv_kernel<BITS, MODE, 2, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
     case 4: gemv_kernel<BITS, MODE, 4, true><<<grid, kThreads, 0, stream>>>(a, s, with_sparse); break;
