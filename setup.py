@@ -75,9 +75,10 @@ def cuda_extension_kwargs() -> dict:
         else:
             import shutil
 
+            home_nvcc = bool(CUDA_HOME) and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
             if torch.version.cuda is None:
                 reason = f"torch {torch.__version__} has no CUDA"
-            elif shutil.which("nvcc") is None and not (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))):
+            elif shutil.which("nvcc") is None and not home_nvcc:
                 reason = "nvcc not found (PATH, CUDA_HOME)"
     if reason is not None:
         print(f"tacq-kernels: CUDA extension not built: {reason}")

@@ -144,7 +144,8 @@ def _fp16x2_emulation(layer, x: np.ndarray, centred: bool = True) -> np.ndarray:
             for tt in range(per_word // 2):
                 r = c * 32 + wi * per_word + tt
                 h_lo = ((2.0**bits + q[:, r] - off) * xh[r] + h_lo.astype(np.float64)).astype(np.float16)
-                h_hi = ((2.0**bits + q[:, r + stride] - off) * xh[r + stride] + h_hi.astype(np.float64)).astype(np.float16)
+                r2 = r + stride
+                h_hi = ((2.0**bits + q[:, r2] - off) * xh[r2] + h_hi.astype(np.float64)).astype(np.float16)
         acc += h_lo.astype(np.float32) + h_hi.astype(np.float32)
     xs = np.float32(xh.sum())
     scale = t["scale"].float().numpy()[0]

@@ -57,7 +57,8 @@ def _check(layer, m, dtype, seed=0):
 @pytest.mark.parametrize("bits,decoder,group", CASES)
 def test_real_shapes_every_decoder(k, n, bits, decoder, group):
     layer = random_layer(n, k, bits=bits, decoder=decoder, group_size=group, outlier_frac=0.0035,
-                         perm=decoder == "lut" or group == 48, device="cuda", seed=k + n + bits, generate_on_device=True)
+                         perm=decoder == "lut" or group == 48, device="cuda", seed=k + n + bits,
+                         generate_on_device=True)
     for m, dtype in [(1, torch.float16), (1, torch.bfloat16), (4, torch.float16), (8, torch.bfloat16),
                      (3, torch.float16)]:
         _check(layer, m, dtype, seed=m)
