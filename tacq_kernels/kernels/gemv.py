@@ -81,9 +81,13 @@ def t_unroll(block_m: int, bits: int, decoder: str) -> int:
 
 def uses_xprep(block_m: int, seg: SegmentSpec, block_k: int) -> bool:
     """Whether a launch runs the x pre-pass and the slim M = 1 loop (``_gemv1_tile``): M = 1,
-    affine, one group per row or groups that are multiples of BLOCK_K. The rest (LUT, groups
-    gathered per K row, M > 1) runs ``_gemv_tile``."""
-    return block_m == 1 and seg.decoder == "affine" and group_mode(seg, block_k) in (ONE_GROUP.value, GROUP_PER_CHUNK.value)
+    affine with one group per row or groups that are multiples of BLOCK_K, or a 2-bit table.
+    The rest (3/4-bit tables, groups gathered per K row, M > 1) runs ``_gemv_tile``."""
+    if block_m != 1:
+        return False
+    if seg.decoder == "lut":
+        return seg.bits == 2
+    return group_mode(seg, block_k) in (ONE_GROUP.value, GROUP_PER_CHUNK.value)
 
 
 def candidates(m: int, n: int, seg: SegmentSpec, sms: int) -> list[dict]:
@@ -144,15 +148,25 @@ def _xp_slot(i, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def xprep_kernel(x_ptr, perm_ptr, xp_ptr, xc_ptr, K_SEG, SEG_START,
-                 BITS: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The x pre-pass of the M = 1 affine GEMV, one program per BLOCK_K chunk of a segment.
+def _pow2(e):
+    return ((-e + (127 + XP_S)) << 23).to(tl.float32, bitcast=True)  # 2^(XP_S - e), exact
 
-    x [K] (x's dtype, original column order); perm int32 [K] (HAS_PERM). Writes xp fp32
+
+@triton.jit
+def xprep_kernel(x_ptr, perm_ptr, lut_ptr, xp_ptr, xc_ptr, K_SEG, SEG_START,
+                 BITS: tl.constexpr, HAS_PERM: tl.constexpr, IS_LUT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The x pre-pass of the M = 1 GEMV (``_gemv1_tile``), one program per BLOCK_K chunk of a segment.
+
+    x [K] (x's dtype, original column order); perm int32 [K] (HAS_PERM). Affine: writes xp fp32
     [n_chunks * BLOCK_K]: x of permuted column SEG_START + row, times 2^(XP_S - e), at the slot
     ``_xp_slot`` gives (0 past K_SEG, so the loop needs no K mask on x); and xc fp32 [n_chunks]:
     each chunk's sum of x (unscaled), for the zero points. The permutation is applied here, once
     per call, instead of by a gather per bit position in the loop.
+
+    2-bit table (IS_LUT; lut fp16 [K_SEG, 4]): the row's table is multilinear in the code bits,
+    T[q] = T0 + (T1 - T0) b0 + (T2 - T0) b1 + (T3 - T2 - T1 + T0) b0 b1, so xp holds per chunk
+    three slices of BLOCK_K: x times each coefficient, scaled for the bit it multiplies (b0 and
+    b0 b1 at bit e, b1 at e + 1), and xc the chunk's sum of x * T0.
     """
     c = tl.program_id(0)
     i = tl.arange(0, BLOCK_K)
@@ -162,25 +176,38 @@ def xprep_kernel(x_ptr, perm_ptr, xp_ptr, xc_ptr, K_SEG, SEG_START,
     if HAS_PERM:
         col = tl.load(perm_ptr + col, mask=live, other=0)
     x = tl.load(x_ptr + col, mask=live, other=0.0).to(tl.float32)
-    tl.store(xc_ptr + c, tl.sum(x, axis=0))
     slot, e = _xp_slot(i, BITS, BLOCK_K)
-    scale = ((-e + (127 + XP_S)) << 23).to(tl.float32, bitcast=True)  # 2^(XP_S - e), exact
-    tl.store(xp_ptr + c * BLOCK_K + slot, x * scale)
+    if IS_LUT:
+        table = lut_ptr + row * 4
+        t0 = tl.load(table, mask=live, other=0.0).to(tl.float32)
+        t1 = tl.load(table + 1, mask=live, other=0.0).to(tl.float32)
+        t2 = tl.load(table + 2, mask=live, other=0.0).to(tl.float32)
+        t3 = tl.load(table + 3, mask=live, other=0.0).to(tl.float32)
+        tl.store(xc_ptr + c, tl.sum(x * t0, axis=0))
+        out = xp_ptr + c * 3 * BLOCK_K + slot
+        tl.store(out, x * (t1 - t0) * _pow2(e))
+        tl.store(out + BLOCK_K, x * (t2 - t0) * _pow2(e + 1))
+        tl.store(out + 2 * BLOCK_K, x * ((t3 - t2) - (t1 - t0)) * _pow2(e))
+    else:
+        tl.store(xc_ptr + c, tl.sum(x, axis=0))
+        tl.store(xp_ptr + c * BLOCK_K + slot, x * _pow2(e))
 
 
 @triton.jit
 def _fields(acc, w, x_ptr, rr, STEP: tl.constexpr, FIRST: tl.constexpr, COUNT: tl.constexpr,
-            WIDTH: tl.constexpr, SPACING: tl.constexpr, IN_PLACE: tl.constexpr, R: tl.constexpr):
+            WIDTH: tl.constexpr, SPACING: tl.constexpr, IN_PLACE: tl.constexpr, R: tl.constexpr,
+            OFFSET: tl.constexpr = 0):
     """acc += x * field for COUNT fields of the words ``w`` [R, BLOCK_N] (uint32): field k at bit
-    SPACING * k, WIDTH bits, the first IN_PLACE masked in place, the others from ``w >> 24``. The
-    x of field k is at x_ptr + (FIRST + STEP * k) * R + rr, pre-scaled by ``xprep_kernel``."""
+    SPACING * k + OFFSET, WIDTH bits, the first IN_PLACE masked in place, the others from
+    ``w >> 24``. The x of field k is at x_ptr + (FIRST + STEP * k) * R + rr, pre-scaled by
+    ``xprep_kernel``."""
     w_top = w >> 24
     for k in tl.static_range(COUNT):
         xk = tl.load(x_ptr + (FIRST + STEP * k) * R + rr)
         if k < IN_PLACE:
-            f = (w & (((1 << WIDTH) - 1) << (SPACING * k))).to(tl.float32, bitcast=True)
+            f = (w & (((1 << WIDTH) - 1) << (SPACING * k + OFFSET))).to(tl.float32, bitcast=True)
         else:
-            f = (w_top & (((1 << WIDTH) - 1) << (SPACING * (k - IN_PLACE)))).to(tl.float32, bitcast=True)
+            f = (w_top & (((1 << WIDTH) - 1) << (SPACING * (k - IN_PLACE) + OFFSET))).to(tl.float32, bitcast=True)
         acc += xk[:, None] * f
     return acc
 
@@ -226,7 +253,8 @@ def _dot3(acc, a, b, h, x_ptr, rr, R2: tl.constexpr):
 @triton.jit
 def _gemv1_tile(
     xp_ptr, xc_ptr, q2_ptr, q1_ptr, q4_ptr, scale_ptr, zero_ptr, N, K_SEG, GROUP_SIZE, chunk_begin, chunk_end,
-    offs_n, mask_n, BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    offs_n, mask_n, BITS: tl.constexpr, IS_LUT: tl.constexpr, GROUP_MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y (fp32 [1, BLOCK_N]) for M = 1, affine, ONE_GROUP or GROUP_PER_CHUNK, over chunks
     [chunk_begin, chunk_end), reading x from the pre-pass (``xprep_kernel``: permuted, fp32,
@@ -236,6 +264,8 @@ def _gemv1_tile(
     and one FFMA with the pre-scaled x; per word a shift by 24 for the fields above bit 23; per
     step one load of R consecutive x values. 3-bit adds, per 32 rows, the shuffle of the 1-bit
     word and four selects (``_dot3``). No K mask but on the word loads, no int-to-float.
+    A 2-bit table (IS_LUT, see ``xprep_kernel``): three single-bit fields per weight (b0, b1 and
+    b0 b1 from ``w & (w >> 1)``), each one LOP3 + one FFMA, instead of a select tree.
     """
     if BITS == 3:
         R: tl.constexpr = BLOCK_K // 32  # pairs of 2-bit word rows, one 1-bit word row each
@@ -252,7 +282,7 @@ def _gemv1_tile(
     sum_x = 0.0
     for chunk in range(chunk_begin, chunk_end):
         chunk_start = chunk * BLOCK_K
-        x_chunk = xp_ptr + chunk_start
+        x_chunk = xp_ptr + chunk_start * (3 if IS_LUT else 1)
         mask = (chunk_start + rr * ROWS < K_SEG)[:, None] & mask_n[None, :]
         if GROUP_MODE == GROUP_PER_CHUNK:
             part = tl.zeros((R, BLOCK_N), tl.float32)
@@ -272,7 +302,12 @@ def _gemv1_tile(
         else:
             w = tl.load(q2_ptr + (chunk_start // 16 + rr)[:, None] * N + offs_n[None, :], mask=mask,
                         other=0).to(tl.uint32, bitcast=True)
-            part = _fields(part, w, x_chunk, rr, 1, 0, 16, 2, 2, 12, R)
+            if IS_LUT:
+                part = _fields(part, w, x_chunk, rr, 1, 0, 16, 1, 2, 12, R)  # b0
+                part = _fields(part, w, x_chunk + BLOCK_K, rr, 1, 0, 16, 1, 2, 12, R, 1)  # b1
+                part = _fields(part, w & (w >> 1), x_chunk + 2 * BLOCK_K, rr, 1, 0, 16, 1, 2, 12, R)  # b0 b1
+            else:
+                part = _fields(part, w, x_chunk, rr, 1, 0, 16, 2, 2, 12, R)
         xsum = tl.load(xc_ptr + chunk)
         if GROUP_MODE == GROUP_PER_CHUNK:
             g = chunk_start // GROUP_SIZE
@@ -284,7 +319,9 @@ def _gemv1_tile(
             acc = part
             sum_x += xsum
     y = tl.sum(acc, axis=0) * XP_UNSCALE
-    if GROUP_MODE == ONE_GROUP:
+    if IS_LUT:
+        y = y + sum_x  # sum of x * T0
+    elif GROUP_MODE == ONE_GROUP:
         s1 = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z1 = tl.load(zero_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         y = s1 * (y - z1 * sum_x)
@@ -420,7 +457,7 @@ def gemv_kernel(
     if XPREP:
         acc = _gemv1_tile(
             xp_ptr, xc_ptr, q2_ptr, q1_ptr, q4_ptr, scale_ptr, zero_ptr, N, K_SEG, GROUP_SIZE, chunk_begin,
-            chunk_end, offs_n, mask_n, BITS, GROUP_MODE, BLOCK_N, BLOCK_K,
+            chunk_end, offs_n, mask_n, BITS, IS_LUT, GROUP_MODE, BLOCK_N, BLOCK_K,
         )
     else:
         acc = _gemv_tile(
@@ -450,10 +487,11 @@ def _launch_segment(x, layer, i, cfg, out, part, prev_slices, direct):
     xp = xc = x
     if xprep:  # one small launch per segment and call: x permuted, scaled, in fp32
         chunks = triton.cdiv(seg.k, block_k)
-        xp = torch.empty(chunks * block_k, dtype=torch.float32, device=x.device)
+        features = 3 if seg.decoder == "lut" else 1
+        xp = torch.empty(chunks * block_k * features, dtype=torch.float32, device=x.device)
         xc = torch.empty(chunks, dtype=torch.float32, device=x.device)
-        xprep_kernel[(chunks,)](x, t.get("perm", x), xp, xc, seg.k, seg.start, BITS=seg.bits,
-                                HAS_PERM=spec.has_perm, BLOCK_K=block_k, num_warps=2)
+        xprep_kernel[(chunks,)](x, t.get("perm", x), lut, xp, xc, seg.k, seg.start, BITS=seg.bits,
+                                HAS_PERM=spec.has_perm, IS_LUT=seg.decoder == "lut", BLOCK_K=block_k, num_warps=2)
     gemv_kernel[grid](
         x, t.get("perm", x), xp, xc,
         q2, q1, q4, scale, zero, lut,
