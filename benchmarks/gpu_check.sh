@@ -158,7 +158,9 @@ main() {
   step cuda-gemv-bench 120 env TACQ_AUTOTUNE=0 "$PY" benchmarks/bench_cuda_gemv.py $DRY_RUN \
                           --out "$OUTDIR/cuda-gemv.json"
 
-  # (slot: issue 13, slimmed decode loops: the asm variants' GPU test)
+  # Issue 13: the M = 1 affine GEMV decodes fields as subnormal fp32 (pure Triton, no asm variant);
+  # this runs its interpreter tests compiled on the GPU, which fail (1e-5, fp32 x) if FFMA flushed them.
+  step decode-subnormal 120 $GPU_ONLY env TACQ_AUTOTUNE=0 "$PY" -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_kernels.py -k "xprep or gemv_cases or long_k"
 
   # (slot: issue 11, vLLM with tacq_kernels, TP=1)
 

@@ -32,6 +32,7 @@ import torch
 from tacq_kernels import kernels, reference
 from tacq_kernels.format import PackedLayer
 from tacq_kernels.kernels import gemm, gemv, prefill
+from tacq_kernels.kernels.gemv import uses_xprep
 from tacq_kernels.testing import random_layer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,6 +152,45 @@ def test_gemv_cases(case, m):
 def test_gemv_splits_and_edges(config, m):
     x, layer = make(136, 576, bits=[3, 4], decoder=["affine", "lut"], m=m, group_size=64, perm=True,
                     outlier_frac=0.02, bias=True, seed=5)
+    check(gemv, x, layer, config=config)
+
+
+_SPLIT3 = dict(BLOCK_N=128, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2)
+_SPLIT2_K128 = dict(BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize(
+    "bits,decoder,group,perm,dtype,k,config",
+    [
+        (2, "affine", None, True, torch.float32, 600, None),
+        (3, "affine", None, False, torch.float32, 600, _SPLIT3),
+        (4, "affine", None, True, torch.float32, 600, None),
+        (2, "affine", 128, True, torch.float32, 640, _SPLIT2_K128),
+        (3, "affine", 64, True, torch.float16, 600, None),
+        (4, "affine", 128, False, torch.bfloat16, 640, None),
+        ([2, 3], "affine", None, True, torch.float32, 1536, None),  # segments at K offsets 0 and 768
+        (2, "lut", None, True, torch.float32, 600, None),
+        ([3, 2], ["affine", "lut"], None, False, torch.float16, 1536, _SPLIT3),
+    ],
+    ids=["2b-perm-f32", "3b-split3-f32", "4b-perm-f32", "2b-g128-split2-f32", "3b-g64-perm-f16", "4b-g128-bf16",
+         "2b+3b-perm-f32", "2b-lut-perm-f32", "3b+2b-lut-split3-f16"],
+)
+def test_gemv1_xprep(bits, decoder, group, perm, dtype, k, config):
+    """M = 1 affine segments and 2-bit tables run the x pre-pass and the in-place subnormal
+    decode (gemv._gemv1_tile).
+
+    fp32 x at the 1e-5 tolerance shows the decode is exact: a field masked in place read as fp32
+    is q * 2^(e - 149) and its product with x * 2^(XP_S - e) rounds like x * q (for tables: like
+    x times the multilinear coefficients). K = 600 and 640 leave a partial last chunk (rows past K
+    read x = 0 from the pre-pass); N = 136 a ragged tile; x is scaled by 300 to show the
+    pre-scaling does not overflow for large activations.
+    """
+    layer = random_layer(136, k, bits=bits, decoder=decoder, group_size=group, perm=perm, outlier_frac=0.01,
+                         bias=True, seed=41, device=DEVICE)
+    for seg in layer.spec.segments:
+        assert uses_xprep(1, seg, (config or {}).get("BLOCK_K", 64))
+    g = torch.Generator().manual_seed(42)
+    x = (300 * torch.randn(1, k, generator=g)).to(device=DEVICE, dtype=dtype)
     check(gemv, x, layer, config=config)
 
 

@@ -31,7 +31,7 @@ from .common import group_mode, splitk_reduce_kernel
 from .gemm import candidates as gemm_candidates
 from .gemm import gemm_kernel
 from .gemv import candidates as gemv_candidates
-from .gemv import gemv_kernel
+from .gemv import gemv_kernel, uses_xprep
 from .prefill import DEQUANT_BLOCK_K, DEQUANT_BLOCK_N, FOLD_BLOCK_N, csr_fold_kernel, dequant_kernel
 from .sass import cuobjdump
 
@@ -123,12 +123,14 @@ def gemv_jobs(m: int, seg: SegmentSpec, x_dtype, quick: bool, has_perm: bool = T
         if tile in seen:
             continue  # other split counts of a tile change only a loop step: one compile per tile
         seen.add(tile)
-        args = dict(x_ptr=_probe(x_dtype), perm_ptr=_probe(torch.int32), **_layer_args(x_dtype), M=m, N=N,
+        args = dict(x_ptr=_probe(x_dtype), perm_ptr=_probe(torch.int32), xp_ptr=_probe(torch.float32),
+                    xc_ptr=_probe(torch.float32), **_layer_args(x_dtype), M=m, N=N,
                     K_SEG=seg.k, SEG_START=0, GROUP_SIZE=seg.group_size or 1, stride_xm=K, prev_slices=0)
         block_m = triton.next_power_of_2(m)
         cx = dict(BITS=seg.bits, IS_LUT=seg.decoder == "lut", GROUP_MODE=group_mode(seg, cfg["BLOCK_K"]),
                   HAS_PERM=has_perm, HAS_SPARSE=True, HAS_BIAS=True, DIRECT=False, BLOCK_M=block_m,
-                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"], T_UNROLL=cfg["T_UNROLL"])
+                  BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"], T_UNROLL=cfg["T_UNROLL"],
+                  XPREP=uses_xprep(block_m, seg, cfg["BLOCK_K"]))
         label = f"gemv M={m} {cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} u{cfg['T_UNROLL']}"
         yield gemv_kernel, args, cx, cfg["num_warps"], cfg["num_stages"], label
 
