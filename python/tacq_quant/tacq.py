@@ -68,8 +68,12 @@ def accumulate_abs_gradients(
     max_batch_tokens: int = 2048,
     device: str | torch.device | None = None,
     progress: bool = True,
+    on_batch=None,
 ) -> dict[str, torch.Tensor]:
     """``G[name] = sum_s |dL_s/dW|`` (fp32, on the CPU) for every decoder linear of ``model``.
+
+    ``on_batch(i)`` is called after batch ``i`` (the CLI stops there on Ctrl-C; nothing is returned
+    or saved then).
 
     ``samples`` are 1-D token-id tensors (any lengths, each at least 2 tokens). The model runs in
     fp32 on ``device``; its parameters are left as they were (requires_grad restored). A batch
@@ -119,7 +123,7 @@ def accumulate_abs_gradients(
     was_training = model.training
     model.eval()
     try:
-        for batch_idx in batches:
+        for bi, batch_idx in enumerate(batches):
             batch = [samples[i] for i in batch_idx]
             ids, mask = _pad_batch(batch, pad_id)
             ids, mask = ids.to(device), mask.to(device)
@@ -133,6 +137,8 @@ def accumulate_abs_gradients(
             loss.backward()
             bar.update(len(batch))
             del logits, logp, nll, loss
+            if on_batch is not None:
+                on_batch(bi)
     finally:
         bar.close()
         for h in handles:
@@ -240,7 +246,7 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
     if cache_path:
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         # write then rename: a concurrent run never reads a half-written cache
-        tmp = f"{cache_path}.tmp{os.getpid()}"
+        tmp = f"{cache_path}.tacq-tmp-{os.getpid()}"
         try:
             save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata={"fingerprint": fp})
             os.replace(tmp, cache_path)
