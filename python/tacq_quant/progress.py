@@ -292,8 +292,9 @@ def stop_requested() -> bool:
 
 
 def checkpoint(where: str) -> None:
-    """A safe point: raise :class:`QuantizeInterrupted` when Ctrl-C was pressed."""
-    if _STOP["requested"]:
+    """A safe point: raise :class:`QuantizeInterrupted` when Ctrl-C was pressed (under an
+    :class:`InterruptGuard`; without one, Ctrl-C is Python's KeyboardInterrupt)."""
+    if _STOP["guarded"] and _STOP["requested"]:
         raise QuantizeInterrupted(where)
 
 
