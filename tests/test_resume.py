@@ -103,8 +103,6 @@ def test_sigkill_at_each_stage_then_resume_is_identical(setup):
     assert p.returncode == -9, p.stderr
     assert work.exists() and not os.path.exists(work.gradient_path())  # the gradient pass had not finished
 
-    p = run_sub(argv, "qw:1:self_attn.o_proj")  # no --resume: refused, the work directory is named
-    assert p.returncode == 2 and "pass --resume" in p.stderr and work.path in p.stderr
     p = run_sub(argv + ["--resume"], "qw:1:self_attn.o_proj")
     assert p.returncode == -9, p.stderr
     assert os.path.exists(work.gradient_path())
@@ -263,6 +261,19 @@ def test_early_checks_fail_in_seconds_with_the_problem_named(setup, tmp_path, ca
     for name in ("a", "b", "c", "d"):  # nothing was started
         assert not os.path.exists(tmp_path / name) and not os.path.exists(tmp_path / f"{name}.work")
     assert max(checks) < 30, checks
+
+
+def test_work_dir_in_use_is_refused(setup, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "q")
+    assert run_in(setup["base"] + ["--out", out], capsys, monkeypatch, "grad:0@INT")[0] == 130
+    held = WorkDir(out + ".work").lock()  # as another live run would hold it
+    try:
+        rc, err = run_in(setup["base"] + ["--out", out, "--resume"], capsys, monkeypatch)
+        one_line_error(rc, err, "is in use by another tacq quantize run")
+    finally:
+        held.close()
+    assert run_in(setup["base"] + ["--out", out, "--resume"], capsys, monkeypatch)[0] == 0
+    assert_same_checkpoint(out, setup["ref"])
 
 
 def test_no_save_progress_gives_the_same_checkpoint(setup, tmp_path, capsys, monkeypatch):

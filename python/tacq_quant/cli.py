@@ -297,16 +297,21 @@ def _run_quantize(args) -> int:
     log(check_disk(args.out, work.path if work else None, est, work.size_bytes() if resuming else 0))
     log(check_memory(estimate_memory(model, cfg, args.nsamples, args.seqlen, device), device))
     prints = {"model_fingerprint": model_fingerprint(model), "calibration_fingerprint": calibration_fingerprint(calib)}
+    lock = work.lock() if work is not None else contextlib.nullcontext()  # before the manifest is read or written
     if work is not None:
-        if resuming:
-            work.check({**settings, **prints})
-            log(f"resuming from {work.path}: {work.summary()}")
-        else:
-            work.create({**settings, **prints, "command": _resume_command(args)})
+        try:
+            if resuming:
+                work.check({**settings, **prints})
+                log(f"resuming from {work.path}: {work.summary()}")
+            else:
+                work.create({**settings, **prints, "command": _resume_command(args)})
+        except BaseException:
+            lock.close()
+            raise
     log(f"checks done in {time.perf_counter() - t_begin:.1f} s")
 
     guard = InterruptGuard(log) if work is not None else contextlib.nullcontext()
-    with guard:
+    with lock, guard:
         try:
             outcome = quantize_model(model, calib, cfg, device=device, batch_size=args.batch_size,
                                      progress=not args.quiet, log=log, work=work)
@@ -335,8 +340,10 @@ def _run_quantize(args) -> int:
         write_seconds = time.perf_counter() - t0
     if work is not None:
         st = outcome.stages
-        log(f"saved progress: {st.get('progress_saved_bytes', 0) / 2**20:.1f} MiB in "
-            f"{st.get('progress_save_seconds', 0.0):.1f} s; work directory {work.path} removed")
+        log(f"saved progress: layers {st.get('progress_saved_bytes', 0) / 2**20:.1f} MiB in "
+            f"{st.get('progress_save_seconds', 0.0):.1f} s"
+            + (f", gradients in {st['gradient_write_seconds']:.1f} s" if "gradient_write_seconds" in st else "")
+            + f"; work directory {work.size_bytes() / 2**20:.1f} MiB, removed")
         work.remove()
     if stop_requested():
         log("tacq: Ctrl-C came during the checkpoint write, which was finished")

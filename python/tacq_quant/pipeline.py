@@ -254,6 +254,8 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
         checkpoint("the gradient pass (saved)")
         stages["gradient_seconds"] = time.perf_counter() - t0
         stages["gradient_cache"] = ginfo.get("cache")
+        if "write_seconds" in ginfo:
+            stages["gradient_write_seconds"] = ginfo["write_seconds"]
         stages["gradient_samples"] = len(samples)
 
     # (2) Q(W): plain GPTQ at the same bits on the same data

@@ -135,7 +135,7 @@ class WorkDir:
         return os.path.join(self.path, MANIFEST)
 
     def exists(self) -> bool:
-        return os.path.isdir(self.path) and bool(os.listdir(self.path))
+        return os.path.isdir(self.path) and bool(set(os.listdir(self.path)) - {"lock"})
 
     def read_manifest(self) -> dict:
         try:
@@ -172,6 +172,20 @@ class WorkDir:
         m = self.read_manifest()
         m.update(fields)
         _write_json_atomic(self.manifest_path, m)
+
+    def lock(self):
+        """Hold an exclusive lock on the work directory for this process (released when the
+        returned file is closed or the process dies): two runs never write the same pieces."""
+        import fcntl
+
+        os.makedirs(self.path, exist_ok=True)
+        f = open(os.path.join(self.path, "lock"), "w")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise WorkDirError(f"work directory {self.path} is in use by another tacq quantize run") from None
+        return f
 
     def gradient_path(self) -> str:
         return os.path.join(self.path, "gradients.safetensors")

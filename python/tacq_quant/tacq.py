@@ -247,6 +247,7 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
         # write then rename: a concurrent run never reads a half-written cache
         tmp = f"{cache_path}.tacq-tmp-{os.getpid()}"
+        t0 = time.perf_counter()
         try:
             save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata={"fingerprint": fp})
             os.replace(tmp, cache_path)
@@ -254,4 +255,5 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
             if os.path.exists(tmp):
                 os.remove(tmp)
         info["cache"] = info["cache"] or "written"
+        info["write_seconds"] = time.perf_counter() - t0
     return grads, info
