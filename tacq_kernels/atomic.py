@@ -56,7 +56,7 @@ def test_point(name: str) -> None:
 
 
 def _siblings(target: str, tag: str) -> list[str]:
-    parent, name = os.path.split(os.path.abspath(target))
+    parent, name = os.path.split(os.path.realpath(target))
     prefix = f".{name}{tag}"
     try:
         entries = os.listdir(parent)
@@ -85,7 +85,7 @@ def recover_stale(target: str | os.PathLike, log: Callable[[str], None] | None =
     fallback is renamed back when the target is missing, deleted when the target exists (the
     crash came after the new checkpoint was in place).
     """
-    target = os.path.abspath(os.fspath(target))
+    target = os.path.realpath(os.fspath(target))
     messages = []
     for path in _siblings(target, OLD_TAG):
         if not _pid_alive(int(path.rsplit("-", 1)[1])):
@@ -178,7 +178,7 @@ def atomic_directory(
     in place of ``target`` (module docstring). On an exception the temporary directory is deleted
     and ``target`` is untouched. Without ``overwrite`` an existing non-empty ``target`` is an error.
     """
-    target = os.path.abspath(os.fspath(target))
+    target = os.path.realpath(os.fspath(target))  # a symlinked --out: replace the directory it points to
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     recover_stale(target, log)

@@ -173,6 +173,21 @@ def test_interrupted_overwrite_without_rename_exchange_is_recovered(setup, tmp_p
     tacq_kernels.load(out)
 
 
+def test_overwrite_through_a_symlink_replaces_its_target(setup, tmp_path):
+    from tacq_kernels.atomic import atomic_directory
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with atomic_directory(str(link), overwrite=True) as tmp:
+        shutil.copytree(setup["ref"], tmp, dirs_exist_ok=True)
+    assert link.is_symlink() and os.path.realpath(link) == str(real)
+    assert dir_hashes(str(real)) == dir_hashes(setup["ref"])
+    assert not siblings(str(real), TMP_TAG)
+
+
 def one_line_error(rc, err, *fragments):
     assert rc == 2, err
     last = [line for line in err.splitlines() if line.strip()][-1]
