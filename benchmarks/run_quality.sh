@@ -7,7 +7,8 @@
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
 # RESULTS (logs and JSON, default benchmarks/results/quality), THREADS (torch threads per process, default 1:
 # on a shared 2-core machine one thread per process is faster than two), and the budgets below.
-# A step whose result JSON exists is skipped, so an interrupted run resumes where it stopped.
+# A step whose result JSON exists is skipped, so an interrupted run resumes where it stopped; an interrupted
+# quantize step continues from its saved layers (--resume, docs/quantizer.md section 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,7 @@ WIKI="wikitext2:$DATA/wikitext-2-raw/wiki.test.raw"   # calibration reads the fi
 PIQA="piqa:$DATA/piqa/valid.jsonl"                     # calibration reads the calib half of the items, eval the other
 mkdir -p "$RUNS" "$RESULTS"
 
-COMMON="--nsamples $NSAMPLES --seqlen $SEQLEN --threads $THREADS --quiet --overwrite"
+COMMON="--nsamples $NSAMPLES --seqlen $SEQLEN --threads $THREADS --quiet --overwrite --resume"
 EVAL="--ppl $WIKI --ppl-seqlen 512 --ppl-windows $PPL_WINDOWS --task $PIQA --threads $THREADS --quiet"
 
 log() { echo "[$(date '+%F %T')] $*" | tee -a "$RESULTS/run.log"; }

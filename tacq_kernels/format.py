@@ -451,9 +451,14 @@ def parse_quantization_config(config: Mapping) -> dict[str, LayerSpec]:
                 "upgrade tacq_kernels"
             )
         raise CheckpointError(f"unknown format_version {version!r}; this tacq_kernels reads version {FORMAT_VERSION}")
-    layers = config.get("layers")
+    if "layers" not in config or config["layers"] is None:
+        raise CheckpointError("quantization_config has no 'layers' table (one entry per quantized linear); "
+                              "without it no layer could be loaded")
+    layers = config["layers"]
     if not isinstance(layers, Mapping):
-        raise CheckpointError("quantization_config needs a 'layers' object")
+        raise CheckpointError(f"quantization_config 'layers' must be a JSON object, got {type(layers).__name__}")
+    if not layers:
+        raise CheckpointError("quantization_config 'layers' table is empty: the checkpoint names no quantized layer")
     return {name: LayerSpec.from_dict(d, name) for name, d in layers.items()}
 
 

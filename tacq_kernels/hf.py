@@ -118,6 +118,45 @@ def validate_checkpoint_files(files: list[str], specs: Mapping[str, LayerSpec]) 
         validate_layer(name, spec, found[name])
 
 
+def check_every_linear_loaded(model: nn.Module, files: list[str], specs: Mapping[str, LayerSpec]) -> None:
+    """Refuse a checkpoint that would leave some linear randomly initialised.
+
+    Every ``nn.Linear`` of the model that the ``layers`` table does not list must have its
+    ``weight`` in the checkpoint (or share it with the input embeddings: a tied ``lm_head``).
+    Quantized tensors (``<layer>.seg0_*``, ``<layer>.sparse_*``) of a layer the table does not list
+    are refused as well, naming the layer: the table and the weights disagree.
+    """
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(f.keys())
+        except Exception as e:  # noqa: BLE001 - reported with the file name
+            raise CheckpointError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from e
+    for key in sorted(keys):
+        owner, _, tname = key.rpartition(".")
+        if owner not in specs and (tname.startswith("seg") and "_" in tname or tname.startswith("sparse_")):
+            raise CheckpointError(
+                "the checkpoint holds quantized tensors of this layer but quantization_config's 'layers' table "
+                "does not list it", owner, tname)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed_weight = getattr(embed, "weight", None)
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name in specs:
+            continue
+        if f"{name}.weight" in keys or module.weight is embed_weight:
+            continue
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if tied and module is out:
+            continue
+        raise CheckpointError(
+            "is neither in quantization_config's 'layers' table nor stored as a plain weight in the checkpoint; "
+            "it would load randomly initialised", name)
+
+
 # --------------------------------------------------------------------------------------------
 # transformers registration
 # --------------------------------------------------------------------------------------------
@@ -184,7 +223,8 @@ def _make_transformers_classes():
             self.method = method
             self.method_args = dict(method_args or {})
             self.modules_to_not_convert = list(modules_to_not_convert or ["lm_head"])
-            self.layers = dict(layers or {})
+            # None stays None (not {}): a missing table must be reported as missing, not load nothing
+            self.layers = None if layers is None else dict(layers) if isinstance(layers, Mapping) else layers
 
         def to_dict(self) -> dict:
             return {
@@ -193,7 +233,7 @@ def _make_transformers_classes():
                 "method": self.method,
                 "method_args": dict(self.method_args),
                 "modules_to_not_convert": list(self.modules_to_not_convert),
-                "layers": dict(self.layers),
+                "layers": dict(self.layers) if isinstance(self.layers, Mapping) else self.layers,
             }
 
         def to_diff_dict(self) -> dict:
@@ -241,10 +281,11 @@ def _make_transformers_classes():
                 path = getattr(model.config, "_name_or_path", "") or ""
                 if os.path.isdir(path):
                     checkpoint_files = safetensors_files(path)
+            replace_linear(model, specs)
             if checkpoint_files:
                 validate_checkpoint_files(list(checkpoint_files), specs)
+                check_every_linear_loaded(model, list(checkpoint_files), specs)
                 self._validated_files = True
-            replace_linear(model, specs)
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):

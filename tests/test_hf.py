@@ -149,6 +149,54 @@ def test_newer_format_version_refused(ckpt):
         AutoModelForCausalLM.from_pretrained(path)
 
 
+def _edit_layers(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg["quantization_config"])
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _rename_layers(qc):
+    qc["layers"] = {n.replace("model.layers.", "model.blocks."): v for n, v in qc["layers"].items()}
+
+
+def _drop_one_layer(qc):
+    del qc["layers"][LAYER]
+
+
+# Each of these used to load "fine" with some or all linears randomly initialised (issue 17).
+LAYERS_TABLE_HOLES = [
+    ("missing", lambda qc: qc.pop("layers"), "has no 'layers' table", None),
+    ("null", lambda qc: qc.__setitem__("layers", None), "has no 'layers' table", None),
+    ("empty", lambda qc: qc.__setitem__("layers", {}), "'layers' table is empty", None),
+    ("not-an-object", lambda qc: qc.__setitem__("layers", []), "must be a JSON object", None),
+    ("names-no-module", _rename_layers, "no such module in the model", "model.blocks."),
+    ("one-layer-missing", _drop_one_layer, "does not list it", LAYER),
+]
+
+
+@pytest.mark.parametrize("case,edit,match,layer", LAYERS_TABLE_HOLES, ids=[c[0] for c in LAYERS_TABLE_HOLES])
+def test_layers_table_must_match_the_checkpoint(ckpt, case, edit, match, layer):
+    path, _, _ = ckpt
+    _edit_layers(path, edit)
+    with pytest.raises(CheckpointError, match=match) as info:
+        AutoModelForCausalLM.from_pretrained(path)
+    if layer:
+        assert f"layer '{layer}" in str(info.value)
+    # the format's own reader and `tacq inspect` refuse it as well (they share the parser), except a table that
+    # merely names other modules: that needs the model, which only from_pretrained builds
+    if case not in ("names-no-module", "one-layer-missing"):
+        with pytest.raises(CheckpointError, match=match):
+            tacq_kernels.load_layers(path, json.loads((path / "config.json").read_text())["quantization_config"])
+
+
+def test_linear_without_weight_or_spec_is_refused(ckpt):
+    """A plain linear whose weight the checkpoint lacks would be randomly initialised: refused, named."""
+    path, _, _ = ckpt
+    corrupt(path, lambda s: s.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match="layer 'lm_head'.*randomly initialised"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
 # --- loading in a fresh interpreter that never imports tacq_kernels (tacq_kernels_autoload.pth) ---
 
 def run_fresh_python(code, *args, cwd, env=None, pythonpath=None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -50,11 +51,13 @@ class _Parser(argparse.ArgumentParser):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from tacq_kernels import CheckpointError
 
+    from .checks import ResourceError
     from .data import DataError
     from .models import ModelNotFound
     from .pipeline import ConfigError
+    from .progress import WorkDirError
 
-    return (CliError, DataError, ConfigError, ModelNotFound, CheckpointError)
+    return (CliError, DataError, ConfigError, ModelNotFound, CheckpointError, WorkDirError, ResourceError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,6 +99,10 @@ def _device(name: str | None):
         raise CliError(f"--device {name!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {name}: only cpu and cuda are supported")
     return dev
 
 
@@ -135,8 +142,16 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=_positive_int, default=128)
     p.add_argument("--seqlen", type=_positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (atomically: it appears complete "
+                                                 "and validated, or not at all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoint in --out (it stays complete and loadable until the new one is in place)")
+    p.add_argument("--work-dir", help="where progress is saved while quantizing (default: OUT.work beside --out)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the work directory's saved progress (it must come from the same command; "
+                        "without a work directory the run starts from the beginning)")
+    p.add_argument("--no-save-progress", dest="save_progress", action="store_false",
+                   help="keep progress in memory only: no work directory, no --resume, Ctrl-C stops at once")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--act-order", dest="act_order", action="store_true", default=None,
                    help="process columns by decreasing Hessian diagonal (default: on for CLAQ, off otherwise)")
@@ -179,14 +194,53 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _resume_command(args) -> str:
+    """The command line that continues this run: the same arguments plus ``--resume``."""
+    import shlex
+
+    argv = list(getattr(args, "_argv", None) or sys.argv[1:])
+    if "--resume" not in argv:
+        argv.append("--resume")
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    head = ["tacq"] if prog == "tacq" else [sys.executable, "-m", "tacq_quant"]
+    return shlex.join(head + argv)
+
+
+def _check_out(args, log) -> None:
+    """--out: a directory or nothing; not empty only with --overwrite, and then only a checkpoint
+    (an atomic replace swaps whole directories); writable; debris of a crashed write cleaned up."""
+    from tacq_kernels.atomic import recover_stale
+
+    from .checks import check_writable
+    from .models import is_quantized_checkpoint
+
+    recover_stale(args.out, log)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CliError(f"--out {args.out} exists and is not a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        if not args.overwrite:
+            raise CliError(f"--out {args.out} is not empty (pass --overwrite to replace the checkpoint in it)")
+        if not is_quantized_checkpoint(args.out):
+            raise CliError(f"--out {args.out} is not empty and not a tacq-kernels checkpoint; --overwrite replaces "
+                           "a checkpoint as a whole, so choose another --out")
+    check_writable(args.out, "--out")
+
+
 def _run_quantize(args) -> int:
+    import contextlib
+
     import torch
 
+    from .checks import check_disk, check_memory, check_writable, estimate_disk, estimate_memory
     from .data import check_readable, load_calibration
     from .export import save_quantized
     from .pipeline import QuantizeConfig, quantize_model
+    from .progress import (InterruptGuard, QuantizeInterrupted, WorkDir, calibration_fingerprint,
+                           model_fingerprint, run_settings, stale_work_pieces, stop_requested)
     from .sequential import format_summary
 
+    t_begin = time.perf_counter()
+    log = (lambda msg: print(msg, file=sys.stderr))
     cfg = QuantizeConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, outlier_frac=args.outlier_frac,
         saliency=args.saliency, act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
@@ -198,19 +252,40 @@ def _run_quantize(args) -> int:
         raise CliError("--grad-cache, --corrupt-from and --saliency are TACQ options")
     if args.method != "claq" and args.reserve_outliers:
         raise CliError("--reserve-outliers is a CLAQ option (TACQ keeps weights with --outlier-frac)")
+    if args.resume and not args.save_progress:
+        raise CliError("--resume continues saved progress; it cannot be combined with --no-save-progress")
     check_readable(args.calib, args.template)
     if args.corrupt_from and not os.path.isfile(os.path.join(args.corrupt_from, "config.json")):
         raise CliError(f"--corrupt-from {args.corrupt_from}: not a checkpoint directory")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CliError(f"--out {args.out} exists and is not a directory")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise CliError(f"--out {args.out} is not empty (pass --overwrite to write into it)")
+    _check_out(args, log)
+    work = None
+    if args.save_progress:
+        work = WorkDir(args.work_dir or os.path.abspath(args.out).rstrip(os.sep) + ".work")
+        out_abs = os.path.abspath(args.out)
+        if work.path == out_abs or work.path.startswith(out_abs + os.sep) or out_abs.startswith(work.path + os.sep):
+            raise CliError(f"--work-dir {work.path} must be outside --out {args.out} (and not contain it)")
+        if os.path.exists(work.path) and not os.path.isdir(work.path):
+            raise CliError(f"work directory {work.path} exists and is not a directory")
+        if work.exists() and not args.resume:
+            raise CliError(f"work directory {work.path} holds saved progress of an earlier run ({work.summary()}); "
+                           "pass --resume to continue it, or delete it to start again")
+        check_writable(work.path, "--work-dir")
     _check_model_arg(args.model)
     from .models import is_quantized_checkpoint
 
     if args.model and is_quantized_checkpoint(os.path.expanduser(args.model)):
         raise CliError(f"--model {args.model} is already a quantized checkpoint; quantize the float model")
     device = _device(args.device)
+    args.device_type = device.type
+    dtype = torch.float16 if args.dtype == "float16" else torch.float32
+    method_args_cfg = cfg.method_args()
+    settings = run_settings(args, method_args_cfg)
+    resuming = work is not None and work.exists()
+    if resuming:
+        work.check(settings)  # settings known from the command line: refused in seconds
+        for piece in stale_work_pieces(work.path):
+            log(f"deleting {piece}, a piece that an interrupted run had not finished")
+            shutil.rmtree(piece, ignore_errors=True) if os.path.isdir(piece) else os.remove(piece)
     _set_threads(args.threads)
     if args.quiet:
         _quiet_transformers()
@@ -218,23 +293,61 @@ def _run_quantize(args) -> int:
     model, tok = _load(args.model, "cpu")  # the driver moves one decoder layer at a time
     calib = load_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed, args.template)
     print(f"calibration: {calib.description}", file=sys.stderr)
-    log = (lambda msg: print(msg, file=sys.stderr))
-    outcome = quantize_model(model, calib, cfg, device=device, batch_size=args.batch_size,
-                             progress=not args.quiet, log=log)
-    table = format_summary(outcome.reports, outcome.seconds)
-    print(table)
-    dtype = torch.float16 if args.dtype == "float16" else torch.float32
-    method_args = dict(outcome.method_args)
-    method_args["model"] = args.model or "default:SmolLM2-135M-Instruct"
-    save_quantized(model, outcome.packed, args.out, tok, method=args.method, method_args=method_args, dtype=dtype)
-    report = outcome.summary()
-    report["layers_report"] = [r.__dict__ for r in outcome.reports]
-    report["calibration"] = calib.description
-    with open(os.path.join(args.out, "quantize_report.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, "quantize_summary.txt"), "w") as f:
-        f.write(table + "\n")
-    print(f"wrote {args.out} ({outcome.seconds:.1f} s)", file=sys.stderr)
+    est = estimate_disk(model, cfg, dtype.itemsize, work is not None)
+    log(check_disk(args.out, work.path if work else None, est, work.size_bytes() if resuming else 0))
+    log(check_memory(estimate_memory(model, cfg, args.nsamples, args.seqlen, device), device))
+    prints = {"model_fingerprint": model_fingerprint(model), "calibration_fingerprint": calibration_fingerprint(calib)}
+    lock = work.lock() if work is not None else contextlib.nullcontext()  # before the manifest is read or written
+    if work is not None:
+        try:
+            if resuming:
+                work.check({**settings, **prints})
+                log(f"resuming from {work.path}: {work.summary()}")
+            else:
+                work.create({**settings, **prints, "command": _resume_command(args)})
+        except BaseException:
+            lock.close()
+            raise
+    log(f"checks done in {time.perf_counter() - t_begin:.1f} s")
+
+    guard = InterruptGuard(log) if work is not None else contextlib.nullcontext()
+    with lock, guard:
+        try:
+            outcome = quantize_model(model, calib, cfg, device=device, batch_size=args.batch_size,
+                                     progress=not args.quiet, log=log, work=work)
+        except KeyboardInterrupt:
+            if work is not None:
+                log(f"tacq: interrupted; saved in {work.path}: {work.summary()}; resume with:")
+                log("  " + _resume_command(args))
+            raise
+        except QuantizeInterrupted as e:
+            log(f"tacq: stopped after {e.where}; saved in {work.path}: {work.summary()}")
+            log("tacq: resume with:")
+            log("  " + _resume_command(args))
+            return 130
+        table = format_summary(outcome.reports, outcome.seconds)
+        print(table)
+        method_args = dict(outcome.method_args)
+        method_args["model"] = args.model or "default:SmolLM2-135M-Instruct"
+        report = outcome.summary()
+        report["layers_report"] = [r.__dict__ for r in outcome.reports]
+        report["calibration"] = calib.description
+        t0 = time.perf_counter()
+        save_quantized(model, outcome.packed, args.out, tok, method=args.method, method_args=method_args, dtype=dtype,
+                       overwrite=args.overwrite, log=log,
+                       extra_files={"quantize_report.json": json.dumps(report, indent=1),
+                                    "quantize_summary.txt": table + "\n"})
+        write_seconds = time.perf_counter() - t0
+    if work is not None:
+        st = outcome.stages
+        log(f"saved progress: layers {st.get('progress_saved_bytes', 0) / 2**20:.1f} MiB in "
+            f"{st.get('progress_save_seconds', 0.0):.1f} s"
+            + (f", gradients in {st['gradient_write_seconds']:.1f} s" if "gradient_write_seconds" in st else "")
+            + f"; work directory {work.size_bytes() / 2**20:.1f} MiB, removed")
+        work.remove()
+    if stop_requested():
+        log("tacq: Ctrl-C came during the checkpoint write, which was finished")
+    print(f"wrote {args.out} ({outcome.seconds:.1f} s, checkpoint write {write_seconds:.1f} s)", file=sys.stderr)
     return 0
 
 
@@ -429,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "_run", None):
             raise CliError(f"give a command: {', '.join(SUBCOMMANDS)} (see tacq --help)")
         errors = _user_errors()
+        args._argv = list(argv) if argv is not None else sys.argv[1:]
         return int(args._run(args) or 0)
     except errors as e:
         msg = " ".join(str(e).split())  # one line, whatever the exception's message holds

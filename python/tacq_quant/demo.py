@@ -16,7 +16,6 @@ import argparse
 import copy
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -127,9 +126,9 @@ def main(argv=None) -> int:
     quant_seconds = time.perf_counter() - t0
 
     print(f"== 4. save to {args.out} and reload with AutoModelForCausalLM.from_pretrained")
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    save_quantized(model, outcome.packed, args.out, tok, method="tacq", method_args=outcome.method_args)
+    # atomic: the previous checkpoint stays complete under --out until the new one replaces it
+    save_quantized(model, outcome.packed, args.out, tok, method="tacq", method_args=outcome.method_args,
+                   overwrite=True)
     del model
     qmodel = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).eval()
     n_quant = len(tacq_kernels.quantized_layers(qmodel))

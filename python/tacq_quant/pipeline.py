@@ -192,11 +192,14 @@ def quantize_model(
     progress: bool = True,
     log=print,
     on_layer=None,
+    work=None,
 ) -> QuantizeOutcome:
     """Quantize ``model`` in place (its linears end up holding the effective quantized weights).
 
     ``on_layer(name, QuantizedWeight)`` is called for every weight of the final pass (tests use it
-    to see kept positions and values).
+    to see kept positions and values). ``work`` (a :class:`tacq_quant.progress.WorkDir`): save
+    every finished piece there and reuse the pieces already there (the caller checks that the
+    work directory belongs to this run); the result is the same as without it.
     """
     cfg.validate()
     t_start = time.perf_counter()
@@ -205,6 +208,10 @@ def quantize_model(
     stages: dict = {}
     run = dict(device=device, batch_size=batch_size, true_sequential=cfg.true_sequential, progress=progress,
                on_layer=on_layer)
+    stores = {}
+    if work is not None:
+        stores = {"qw": work.store("qw"), "final": work.store("final")}
+        run["store"] = stores["final"]
 
     if cfg.method == "rtn":
         res = quantize_sequential(model, calib.windows, _rtn_weight_quantizer(cfg), **run)
@@ -213,12 +220,17 @@ def quantize_model(
     elif cfg.method == "claq":
         res = quantize_sequential(model, calib.windows, _claq_weight_quantizer(cfg), **run)
     else:
-        res = _quantize_tacq(model, calib, cfg, run, stages, args, log)
+        res = _quantize_tacq(model, calib, cfg, run, stages, args, log, work, stores)
     stages["sequential_seconds"] = res.seconds
+    if stores:
+        stages["progress_save_seconds"] = sum(st.save_seconds for st in stores.values())
+        stages["progress_saved_bytes"] = sum(st.saved_bytes for st in stores.values())
     return QuantizeOutcome(res.packed, res.reports, args, time.perf_counter() - t_start, stages)
 
 
-def _quantize_tacq(model, calib, cfg, run, stages, args, log):
+def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=None):
+    from .progress import checkpoint, test_point
+
     linears = target_linears(model)
     names = list(linears)
     n_weights = sum(m.weight.numel() for m in linears.values())
@@ -229,12 +241,21 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log):
     grads = {n: None for n in names}
     if cfg.saliency != "magnitude":
         samples = calib.gradient_samples()
-        log(f"TACQ: |gradients| over {len(samples)} samples"
-            + (f" (cache {cfg.grad_cache})" if cfg.grad_cache else ""))
-        grads, ginfo = cached_abs_gradients(model, samples, cfg.grad_cache, device=run["device"],
-                                            progress=run["progress"], max_batch_tokens=cfg.grad_max_batch_tokens)
+        cache = cfg.grad_cache or (work.gradient_path() if work is not None else None)
+        log(f"TACQ: |gradients| over {len(samples)} samples" + (f" (cache {cache})" if cache else ""))
+
+        def on_batch(i):
+            test_point(f"grad:{i}")
+            checkpoint(f"batch {i} of the gradient pass (not saved: the gradient pass starts again on resume)")
+
+        grads, ginfo = cached_abs_gradients(model, samples, cache, device=run["device"],
+                                            progress=run["progress"], max_batch_tokens=cfg.grad_max_batch_tokens,
+                                            on_batch=on_batch)
+        checkpoint("the gradient pass (saved)")
         stages["gradient_seconds"] = time.perf_counter() - t0
         stages["gradient_cache"] = ginfo.get("cache")
+        if "write_seconds" in ginfo:
+            stages["gradient_write_seconds"] = ginfo["write_seconds"]
         stages["gradient_samples"] = len(samples)
 
     # (2) Q(W): plain GPTQ at the same bits on the same data
@@ -248,7 +269,10 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log):
     else:
         log("TACQ: plain GPTQ pass for Q(W)")
         original = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}
-        quantize_sequential(model, calib.windows, _gptq_weight_quantizer(cfg), **{**run, "on_layer": None})
+        qrun = {**run, "on_layer": None}
+        if stores:
+            qrun["store"] = stores["qw"]
+        quantize_sequential(model, calib.windows, _gptq_weight_quantizer(cfg), **qrun)
         corrupt = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}
         with torch.no_grad():
             for n, m in linears.items():

@@ -152,25 +152,48 @@ def quantize_sequential(
     true_sequential: bool = True,
     progress: bool = True,
     on_layer: Callable[[str, QuantizedWeight], None] | None = None,
+    store=None,
 ) -> SequentialResult:
     """Quantize every decoder-layer linear of ``model`` (in place) on calibration ``windows``
     [nsamples, seqlen] (token ids). The model's weights become the effective (decoded) weights;
     returns the packed layers and a report per layer.
+
+    ``store`` (a :class:`tacq_quant.progress.LayerStore`): each finished decoder layer is saved
+    there, and layers already saved are loaded instead of quantized (their weights set to what
+    they decode to, their outputs recomputed), so an interrupted pass resumes with the same
+    result. ``on_layer`` is not called for loaded layers.
     """
     from tqdm.auto import tqdm
+
+    from .progress import checkpoint, test_point
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
     prefix, layers = find_decoder_layers(model)
     model.eval()
     result = SequentialResult()
+    stage = store.stage if store is not None else "pass"
+    done = min(store.completed(), len(layers)) if store is not None else 0
+    if done == len(layers):  # every layer saved: nothing to compute
+        for li, layer in enumerate(layers):
+            _restore_layer(store, li, layer, prefix, result)
+        result.seconds = time.perf_counter() - start
+        return result
     inputs, kwargs_list = capture_layer0_inputs(model, windows, device, batch_size)
     total = sum(len(linear_names(layer)) for layer in layers)
     bar = tqdm(total=total, desc="quantize", unit="linear", disable=not progress, dynamic_ncols=True)
     try:
         for li, layer in enumerate(layers):
             layer.to(device)
+            if li < done:
+                bar.update(_restore_layer(store, li, layer, prefix, result))
+                with torch.no_grad():
+                    inputs = [_layer_output(layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
+                if device.type != "cpu":
+                    layer.to("cpu")
+                continue
             modules = dict(layer.named_modules())
+            first_report = len(result.reports)
             for group in sequential_groups(layer, true_sequential):
                 hessians = _collect_hessians(layer, modules, group, inputs, kwargs_list, device)
                 for short in group:
@@ -199,7 +222,14 @@ def quantize_sequential(
                         segments=packed.spec.describe_bits(),
                     ))
                     bar.update(1)
+                    test_point(f"{stage}:{li}:{short}")
                 del hessians
+            if store is not None:
+                names = [r.name for r in result.reports[first_report:]]
+                store.save(li, {n: result.packed[n] for n in names},
+                           [r.__dict__ for r in result.reports[first_report:]])
+                test_point(f"{stage}-saved:{li}")
+                checkpoint(f"layer {li} of {len(layers)} of the {'Q(W)' if stage == 'qw' else 'final'} pass")
             with torch.no_grad():
                 inputs = [_layer_output(layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
             if device.type != "cpu":
@@ -208,6 +238,25 @@ def quantize_sequential(
         bar.close()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _restore_layer(store, li: int, layer: nn.Module, prefix: str, result: SequentialResult) -> int:
+    """Load saved decoder layer ``li``: its weights become exactly what they decode to (as after
+    quantizing it), its packed layers and reports join ``result``. Returns the number of linears."""
+    from tacq_kernels.reference import dequantize
+
+    packed, reports = store.load(li)
+    modules = dict(layer.named_modules())
+    with torch.no_grad():
+        for name, p in packed.items():
+            short = name[len(f"{prefix}.{li}."):]
+            if short not in modules:
+                raise ValueError(f"saved layer {name} is not a module of decoder layer {li}")
+            w = modules[short].weight
+            w.data.copy_(dequantize(p).to(device=w.device, dtype=w.dtype))
+    result.packed.update(packed)
+    result.reports.extend(LayerReport(**r) for r in reports)
+    return len(packed)
 
 
 def _collect_hessians(layer, modules, group, inputs, kwargs_list, device) -> dict[str, torch.Tensor]:

@@ -68,8 +68,12 @@ def accumulate_abs_gradients(
     max_batch_tokens: int = 2048,
     device: str | torch.device | None = None,
     progress: bool = True,
+    on_batch=None,
 ) -> dict[str, torch.Tensor]:
     """``G[name] = sum_s |dL_s/dW|`` (fp32, on the CPU) for every decoder linear of ``model``.
+
+    ``on_batch(i)`` is called after batch ``i`` (the CLI stops there on Ctrl-C; nothing is returned
+    or saved then).
 
     ``samples`` are 1-D token-id tensors (any lengths, each at least 2 tokens). The model runs in
     fp32 on ``device``; its parameters are left as they were (requires_grad restored). A batch
@@ -119,7 +123,7 @@ def accumulate_abs_gradients(
     was_training = model.training
     model.eval()
     try:
-        for batch_idx in batches:
+        for bi, batch_idx in enumerate(batches):
             batch = [samples[i] for i in batch_idx]
             ids, mask = _pad_batch(batch, pad_id)
             ids, mask = ids.to(device), mask.to(device)
@@ -133,6 +137,8 @@ def accumulate_abs_gradients(
             loss.backward()
             bar.update(len(batch))
             del logits, logp, nll, loss
+            if on_batch is not None:
+                on_batch(bi)
     finally:
         bar.close()
         for h in handles:
@@ -215,10 +221,30 @@ def samples_fingerprint(model: nn.Module, samples: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def save_gradients(grads: dict[str, torch.Tensor], path: str, fingerprint: str) -> None:
+    """Write the gradient sums atomically: a temporary file, fsync, rename (a concurrent or later
+    run never reads a half-written file, and a crash leaves the old file or none)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tacq-tmp-{os.getpid()}"
+    try:
+        save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata={"fingerprint": fingerprint})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tuple[dict[str, torch.Tensor], dict]:
     """:func:`accumulate_abs_gradients`, read from / written to ``cache_path`` (safetensors) when
     given; a cache made for other samples or another model is ignored and overwritten."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     info = {"cache": None}
     fp = samples_fingerprint(model, samples) if cache_path else None
@@ -238,14 +264,8 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
     grads = accumulate_abs_gradients(model, samples, **kwargs)
     info["seconds"] = time.perf_counter() - t0
     if cache_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        # write then rename: a concurrent run never reads a half-written cache
-        tmp = f"{cache_path}.tmp{os.getpid()}"
-        try:
-            save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata={"fingerprint": fp})
-            os.replace(tmp, cache_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        t0 = time.perf_counter()
+        save_gradients(grads, cache_path, fp)
         info["cache"] = info["cache"] or "written"
+        info["write_seconds"] = time.perf_counter() - t0
     return grads, info
