@@ -22,6 +22,7 @@ VLLM_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
     "DO_NOT_TRACK": "1",
 }
 

@@ -1,7 +1,8 @@
 """vllm.LLM on our checkpoints, TP = 1 and TP = 2: the greedy tokens of transformers + tacq_kernels.
 
-One engine process per TP size serves the three checkpoint kinds one after another (an engine
-start-up costs 20-60 s on the 2-core machine). Both sides run in fp32. The tokens must be equal;
+One process per TP size serves the checkpoint kinds one after another (an engine start-up costs
+20-100 s on the 2-core machine): TP = 1 all three, TP = 2 TACQ and CLAQ here; the RTN checkpoint
+goes through TP = 2 in test_serve.py, under `vllm serve`, with the same comparison. Both sides run in fp32. The tokens must be equal;
 where the two float orders (vLLM's fused qkv / gate_up and its attention vs transformers') make
 greedy pick another token, that is accepted only at a near tie: transformers must rate vLLM's
 token within TOL of its own, and the comparison of that prompt stops there. vLLM's log-probability
@@ -43,18 +44,22 @@ def compare(vllm_res, hf_res):
     return equal, ties, worst
 
 
+KINDS_BY_TP = {1: ["tacq3", "claq2.1", "rtn3g32"], 2: ["tacq3", "claq2.1"]}
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_greedy_matches_transformers(tp, checkpoints, hf_results, tmp_path):
     tok_ids = [r["prompt_ids"] for r in next(iter(hf_results.values()))]
-    res = run_engine({"tp": tp, "checkpoints": checkpoints, "prompts": tok_ids, "max_tokens": MAX_TOKENS},
+    kinds = {k: checkpoints[k] for k in KINDS_BY_TP[tp]}
+    res = run_engine({"tp": tp, "checkpoints": kinds, "prompts": tok_ids, "max_tokens": MAX_TOKENS},
                      tmp_path, timeout=420)
     print(f"TP={tp} engine seconds per checkpoint: {res['_seconds']}")
     total_equal = 0
-    for kind in checkpoints:
+    for kind in kinds:
         assert all(r["quantization"] == "tacq_kernels" for r in res[kind])  # picked from config.json, no flag
         equal, ties, worst = compare(res[kind], hf_results[kind])
         print(f"TP={tp} {kind}: {equal}/{len(PROMPTS)} prompts token-identical, {ties} near-tie divergences, "
               f"max |logprob difference| {worst:.2e}")
         total_equal += equal
     # near ties are rare: most prompts must agree token for token
-    assert total_equal >= len(checkpoints) * len(PROMPTS) - 2
+    assert total_equal >= len(kinds) * len(PROMPTS) - 1

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 
-from conftest import hf_greedy, vllm_env
+from conftest import MAX_TOKENS, PROMPTS, hf_greedy, vllm_env
+from test_engine import compare
 
 STARTUP_S = 360
-MAX_TOKENS = 6
 
 
 def free_port() -> int:
@@ -68,12 +68,29 @@ def alive(pids):
     return out
 
 
+def as_engine_result(r):
+    """A completion with logprobs and token ids, in engine_run.py's form (for test_engine.compare)."""
+    lp = r["choices"][0]["logprobs"]
+    tokens = [int(t.split(":")[1]) for t in lp["tokens"]]
+    steps = [{str(int(k.split(":")[1])): v for k, v in top.items()} for top in lp["top_logprobs"]]
+    for t, step, chosen in zip(tokens, steps, lp["token_logprobs"]):
+        step.setdefault(str(t), chosen)
+    return {"tokens": tokens, "logprobs": steps}
+
+
+def completion(prompt, max_tokens):
+    return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "logprobs": 1, "return_tokens_as_token_ids": True}
+
+
 def test_serve_tp2_concurrent_completions_and_clean_shutdown(checkpoints, tmp_path):
-    ckpt = checkpoints["tacq3"]
+    """The RTN 3-bit checkpoint with groups of 32 (its TP = 2 run; test_engine.py has the others)."""
+    ckpt = checkpoints["rtn3g32"]
+    hf = hf_greedy(ckpt, PROMPTS, MAX_TOKENS)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "serve.log", "w")
-    cmd = ["nice", "-n", "10", sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt,
+    cmd = ["nice", "-n", "10", sys.executable, os.path.join(os.path.dirname(__file__), "vllm_cli.py"), "serve", ckpt,
            "--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "2", "--dtype", "float32",
            "--gpu-memory-utilization", "0.15", "--max-model-len", "256", "--max-num-seqs", "16",
            "--enforce-eager", "--distributed-executor-backend", "mp", "--served-model-name", "tiny"]
@@ -84,26 +101,26 @@ def test_serve_tp2_concurrent_completions_and_clean_shutdown(checkpoints, tmp_pa
         seen |= tree(proc.pid)
         assert len(seen) >= 3  # the API server, the engine core and TP workers are separate processes
 
-        # one request: greedy, exactly MAX_TOKENS tokens, the text transformers generates
-        prompt = "Hello, my name is"
-        status, r = post(base + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
-                                                    "temperature": 0, "ignore_eos": True})
+        # one request: greedy, exactly MAX_TOKENS tokens, transformers' tokens
+        status, r = post(base + "/v1/completions", completion(hf[0]["prompt_ids"], MAX_TOKENS))
         assert status == 200 and r["usage"]["completion_tokens"] == MAX_TOKENS
-        from transformers import AutoTokenizer
+        equal, ties, worst = compare([as_engine_result(r)], hf[:1])
+        assert equal == 1, r
 
-        want = hf_greedy(ckpt, [prompt], MAX_TOKENS)[0]["tokens"]
-        assert r["choices"][0]["text"] == AutoTokenizer.from_pretrained(ckpt).decode(want)
-
-        # 16 at once, each asking for another number of tokens
-        bodies = [{"model": "tiny", "prompt": f"request {i}: ", "max_tokens": 2 + i % 5, "temperature": 0,
-                   "ignore_eos": True} for i in range(16)]
+        # 16 at once: the test prompts (compared with transformers) and others of 2..6 tokens
+        bodies = [completion(h["prompt_ids"], MAX_TOKENS) for h in hf]
+        bodies += [completion(f"request {i}: ", 2 + i % 5) for i in range(16 - len(bodies))]
         with ThreadPoolExecutor(16) as pool:
             results = list(pool.map(lambda b: post(base + "/v1/completions", b), bodies))
         seen |= tree(proc.pid)
         for b, (status, r) in zip(bodies, results):
             assert status == 200
             assert r["usage"]["completion_tokens"] == b["max_tokens"], r["usage"]
-            assert len(r["choices"]) == 1 and isinstance(r["choices"][0]["text"], str)
+            assert len(as_engine_result(r)["tokens"]) == b["max_tokens"]
+        equal, ties, worst = compare([as_engine_result(r) for _, r in results[: len(hf)]], hf)
+        print(f"serve TP=2 rtn3g32: {equal}/{len(hf)} prompts token-identical under 16 concurrent requests, "
+              f"{ties} near-tie divergences, max |logprob difference| {worst:.2e}")
+        assert equal >= len(hf) - 1
 
         # clean shutdown: SIGINT as Ctrl-C would, then every process of the tree gone
         proc.send_signal(signal.SIGINT)
