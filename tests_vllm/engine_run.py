@@ -20,7 +20,7 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.load(open(spec_path))
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=spec.get("ignore_eos", True),
                             logprobs=spec.get("logprobs", 5))
     prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     out, seconds = {}, {}
