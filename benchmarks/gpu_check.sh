@@ -158,7 +158,7 @@ main() {
 
   # issue 11: our Triton kernels under vLLM (TP=1, CUDA graphs on), against transformers + tacq_kernels;
   # needs the CUDA build of vLLM importable (not installed by this script: it pins its own torch)
-  step vllm-tp1       150 $GPU_ONLY "$PY" benchmarks/vllm_gpu.py --out "$OUTDIR/vllm.json" --work "$WORK/vllm"
+  step vllm-tp1       120 $GPU_ONLY "$PY" benchmarks/vllm_gpu.py --out "$OUTDIR/vllm.json" --work "$WORK/vllm"
 
   step bench-kernels  300 "$PY" benchmarks/bench_kernels.py --suite check $DRY_RUN --tuning-cache "$WORK/tuning.json" \
                           --out "$OUTDIR/kernels.json" --png "$OUTDIR/kernels.png"

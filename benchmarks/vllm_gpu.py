@@ -1,10 +1,12 @@
 """GPU check of the vLLM plugin (benchmarks/gpu_check.sh step `vllm-tp1`): our Triton kernels under vLLM, TP = 1.
 
-    python benchmarks/vllm_gpu.py --out OUT.json [--work DIR]
+    python benchmarks/vllm_gpu.py --out OUT.json [--work DIR] [--kinds claq2.1,tacq3,rtn3g32]
 
-Quantizes a tiny Llama (hidden 256, 4 heads of 64, 2 KV heads, 2 layers) three ways (TACQ 3-bit,
-CLAQ 2.1 + outlier reservation, RTN 3-bit in groups of 32), serves each with vllm.LLM on the GPU
-(fp16, CUDA graphs on: the plugin tunes the kernels at weight processing, before capture) and
+Quantizes a tiny Llama (hidden 256, 4 heads of 64, 2 KV heads, 2 layers) with each chosen kind
+(default CLAQ 2.1 + outlier reservation: act-order, 2/4-bit LUT segments, CSR, i.e. every code
+path of the kernels; also TACQ 3-bit and RTN 3-bit in groups of 32), serves it with vllm.LLM on
+the GPU (fp16, CUDA graphs on for batch 1-8: the plugin tunes the kernels at weight processing,
+before capture; one engine start-up per kind, so the gpu_check step runs one kind) and
 compares greedy tokens and first-step log-probabilities with transformers + tacq_kernels on the
 same GPU (the same Triton kernels through QuantLinear). Writes one JSON record; exit status 1
 when a check fails. Needs vLLM (the CUDA build) importable; it is not installed here.
@@ -18,9 +20,6 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests_vllm"))
-
 KINDS = {
     "tacq3": dict(method="tacq", bits=3, outlier_frac=0.01),
     "claq2.1": dict(method="claq", bits=2.1, reserve_outliers=True),
@@ -31,7 +30,7 @@ MAX_TOKENS = 16
 TOL = 0.05  # nats, fp16 on both sides
 
 
-def make_checkpoints(root):
+def make_checkpoints(root, kinds):
     import torch
 
     from tacq_quant.data import load_calibration
@@ -43,8 +42,8 @@ def make_checkpoints(root):
     with open(text, "w") as f:
         f.write(("Tensor parallelism splits every linear layer across ranks. " * 8) * 30)
     out = {}
-    for kind, kw in KINDS.items():
-        kw = dict(kw)
+    for kind in kinds:
+        kw = dict(KINDS[kind])
         method = kw.pop("method")
         model = tiny_llama(seed=0, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
         tok = byte_tokenizer()
@@ -81,18 +80,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--work", default=None)
+    p.add_argument("--kinds", default="claq2.1", help="comma-separated, of " + ",".join(KINDS))
     args = p.parse_args(argv)
+    kinds = args.kinds.split(",")
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        p.error(f"unknown kinds {unknown}; choose from {list(KINDS)}")
     from vllm import LLM, SamplingParams
 
     work = args.work or tempfile.mkdtemp(prefix="vllm_gpu_")
-    ckpts = make_checkpoints(work)
+    ckpts = make_checkpoints(work, kinds)
     record = {"commit": os.environ.get("TACQ_COMMIT", "unknown"), "tp": 1, "dtype": "float16", "kinds": {}}
     ok = True
     for kind, ckpt in ckpts.items():
         hf = hf_greedy(ckpt, PROMPTS)
         t0 = time.time()
+        # CUDA graphs on (enforce_eager=False): tuning must already be done when they are captured
         llm = LLM(model=ckpt, tensor_parallel_size=1, dtype="float16", gpu_memory_utilization=0.3, max_model_len=256,
-                  seed=0)  # CUDA graphs on (enforce_eager=False): tuning must already be done when they are captured
+                  seed=0, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8]})
         startup = time.time() - t0
         outs = llm.generate([{"prompt_token_ids": h["prompt_ids"]} for h in hf],
                             SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1),

@@ -109,6 +109,22 @@ def check_tensor_parallel(specs: dict[str, LayerSpec], tp_size: int) -> None:
             raise ShardError(name, tp_size, f"out_features={spec.out_features} is not divisible by {tp_size}")
 
 
+def warmup_batch_sizes() -> tuple[int, ...]:
+    """The batch sizes to tune before vLLM captures CUDA graphs: exactly its capture sizes.
+
+    Other sizes are tuned when first seen, in eager runs (vLLM's profile run, prefill), where
+    timing is allowed. Without a current vLLM config (or graphs off): the ops' default list.
+    """
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        cfg = get_current_vllm_config_or_none()
+        sizes = cfg.compilation_config.cudagraph_capture_sizes if cfg is not None else None
+    except Exception:
+        sizes = None
+    return tuple(sorted(set(int(m) for m in sizes))) if sizes else ops.DEFAULT_WARMUP_BATCH_SIZES
+
+
 def _tp_world_size() -> int:
     try:
         from vllm.distributed import get_tensor_model_parallel_world_size
@@ -322,7 +338,8 @@ class TacqLinearMethod(LinearMethodBase):
         layer.tacq_ready = True
         if device.type == "cuda":
             dtype = getattr(layer, "params_dtype", None) or torch.float16
-            ops.warmup_layers(args, dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
+            ops.warmup_layers(args, batch_sizes=warmup_batch_sizes(),
+                              dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
