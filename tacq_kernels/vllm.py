@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod

@@ -2,7 +2,6 @@
 
 import importlib.metadata
 import json
-import types
 
 import pytest
 import torch
