@@ -46,15 +46,16 @@ def vllm_env(**extra):
     return env
 
 
-def run_engine(spec: dict, tmp_path, timeout=400) -> dict:
-    """Run engine_run.py in a fresh interpreter (vLLM spawns workers; one engine setup per call)."""
+def run_engine(spec: dict, tmp_path, timeout=400, **env) -> dict:
+    """Run engine_run.py in a fresh interpreter (vLLM spawns workers; one engine setup per call).
+    ``env``: settings over VLLM_ENV (e.g. VLLM_CPU_OMP_THREADS_BIND for another TP size)."""
     spec_path = tmp_path / f"spec_tp{spec['tp']}.json"
     out_path = tmp_path / f"out_tp{spec['tp']}.json"
     spec_path.write_text(json.dumps(spec))
     # The engine core runs in this process (each vLLM process start-up costs 15-30 s of imports);
     # TP workers are still separate processes.
     proc = subprocess.run(["nice", "-n", "10", sys.executable, ENGINE_SCRIPT, str(spec_path), str(out_path)],
-                          env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                          env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0", **env), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"engine_run.py failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
