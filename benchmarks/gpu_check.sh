@@ -9,7 +9,8 @@
 #   summary.json    per step: status (pass / fail / timeout / skipped), exit code, seconds, command
 #   <step files>    what the steps write into $OUTDIR (kernels.json, kernels.png, e2e.json, e2e.png)
 #   more.tar.gz     whatever steps put into $MORE, plus any files beyond the 8-file limit
-# Exit status: 0 when every step passed.
+# Exit status: 0 when every step passed. GPU_CHECK_SKIP="NAME NAME ..." leaves those steps out
+# (e.g. "cuda-gemv-test cuda-gemv-bench vllm-tp1" to give the benchmarks the whole budget).
 #
 # ADDING A STEP (docs/benchmarks.md, "Adding a GPU step"): add ONE line to the STEPS section below,
 #     step NAME TIMEOUT_S command args...
@@ -65,6 +66,11 @@ step() {  # step NAME TIMEOUT_S command args...
   local name=$1 limit=$2
   shift 2
   local left=$(( DEADLINE - $(date +%s) ))
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then  # GPU_CHECK_SKIP="name name ...": leave steps out
+    printf '%-18s skipped (GPU_CHECK_SKIP)\n' "$name" | tee -a "$LOG"
+    printf '%s\tskipped\t-1\t0\t%s\t%s\n' "$name" "$limit" "$*" >> "$WORK/steps.tsv"
+    return 0
+  fi
   if (( left < MIN_STEP_S )); then
     printf '%-18s skipped (%d s of the budget left)\n' "$name" "$left" | tee -a "$LOG"
     printf '%s\tskipped\t-1\t0\t%s\t%s\n' "$name" "$limit" "$*" >> "$WORK/steps.tsv"
@@ -162,7 +168,9 @@ main() {
   # this runs its interpreter tests compiled on the GPU, which fail (1e-5, fp32 x) if FFMA flushed them.
   step decode-subnormal 120 $GPU_ONLY env TACQ_AUTOTUNE=0 "$PY" -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_kernels.py -k "xprep or gemv_cases or long_k"
 
-  # (slot: issue 11, vLLM with tacq_kernels, TP=1)
+  # issue 11: our Triton kernels under vLLM (TP=1, CUDA graphs on), against transformers + tacq_kernels;
+  # needs the CUDA build of vLLM importable (not installed by this script: it pins its own torch)
+  step vllm-tp1       120 $GPU_ONLY "$PY" benchmarks/vllm_gpu.py --out "$OUTDIR/vllm.json" --work "$WORK/vllm"
 
   step bench-kernels  300 "$PY" benchmarks/bench_kernels.py --suite check $DRY_RUN --tuning-cache "$WORK/tuning.json" \
                           --out "$OUTDIR/kernels.json" --png "$OUTDIR/kernels.png"

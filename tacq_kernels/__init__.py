@@ -18,6 +18,8 @@ from .format import (
     make_quantization_config,
     parse_quantization_config,
     save_layers,
+    slice_layer,
+    slice_problem,
     validate_layer,
 )
 from .hf import load, quantized_layers, register_with_transformers, replace_linear
@@ -47,6 +49,8 @@ __all__ = [
     "register_with_transformers",
     "replace_linear",
     "save_layers",
+    "slice_layer",
+    "slice_problem",
     "validate_layer",
     "warmup",
 ]

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .packing import SUPPORTED_BITS, pack_codes, plane_layout, plane_rows
+from .packing import SUPPORTED_BITS, pack_codes, plane_layout, plane_rows, unpack_codes
 
 QUANT_METHOD = "tacq_kernels"
 FORMAT_VERSION = 1
@@ -411,6 +411,179 @@ def validate_layer(layer: str, spec: LayerSpec, tensors: Mapping[str, torch.Tens
         raise CheckpointError(
             f"column indices must lie in [0, {k}), got range [{int(col.min())}, {int(col.max())}]", layer, "sparse_col"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Slicing: one layer restricted to a range of output rows and/or a set of input columns
+# (tensor parallelism: column-parallel shards take rows, row-parallel shards take columns).
+# --------------------------------------------------------------------------------------------
+
+
+def _row_range(rows, n: int, layer: str | None) -> range:
+    if rows is None:
+        return range(n)
+    if isinstance(rows, slice):
+        rows = range(*rows.indices(n))
+    if not isinstance(rows, range) or rows.step != 1:
+        raise ValueError(f"{layer or 'layer'}: rows must be a range with step 1, got {rows!r}")
+    if not 0 <= rows.start < rows.stop <= n:
+        raise ValueError(f"{layer or 'layer'}: rows {rows!r} must be a non-empty part of [0, {n})")
+    return rows
+
+
+def _col_index(cols, k: int, layer: str | None) -> torch.Tensor | None:
+    """None (all columns) or int64 [K'] strictly increasing, inside [0, K)."""
+    if cols is None:
+        return None
+    if isinstance(cols, slice):
+        cols = range(*cols.indices(k))
+    if isinstance(cols, range):
+        if cols.step != 1 or not 0 <= cols.start < cols.stop <= k:
+            raise ValueError(f"{layer or 'layer'}: cols {cols!r} must be a non-empty step-1 part of [0, {k})")
+        if cols.start == 0 and cols.stop == k:
+            return None
+        return torch.arange(cols.start, cols.stop, dtype=torch.int64)
+    idx = torch.as_tensor(cols, dtype=torch.int64).flatten().cpu()
+    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= k or bool((idx.diff() <= 0).any()):
+        raise ValueError(f"{layer or 'layer'}: cols must be non-empty, strictly increasing and inside [0, {k})")
+    return None if idx.numel() == k else idx
+
+
+def slice_problem(spec: LayerSpec, cols: range | None) -> str | None:
+    """Why ``slice_layer(layer, cols=cols)`` cannot be honoured for any layer of this spec, or None.
+
+    Decided from the spec alone (before any tensor exists), for a contiguous range of original
+    input columns, as tensor parallelism cuts K: an affine segment with several groups per row
+    must be cut on a group boundary, and with an act-order permutation such a segment cannot be
+    cut at all (a range of original columns lands on scattered permuted columns, so on partial
+    groups). Rows (output features) can always be cut, and so can LUT segments and segments with
+    one group per row, at any column: codes are unpacked and repacked, so no 32-column alignment
+    is needed.
+    """
+    if cols is None or (cols.start == 0 and cols.stop == spec.in_features):
+        return None
+    for i, seg in enumerate(spec.segments):
+        if seg.decoder != "affine" or seg.group_size >= seg.k:
+            continue
+        if spec.has_perm:
+            return (f"segment {i} has affine groups of {seg.group_size} columns under an act-order "
+                    f"permutation; input columns [{cols.start}, {cols.stop}) fall on partial groups")
+        lo, hi = max(cols.start, seg.start) - seg.start, min(cols.stop, seg.end) - seg.start
+        if lo < hi and (lo % seg.group_size or (hi % seg.group_size and hi != seg.k)):
+            return (f"input columns [{cols.start}, {cols.stop}) cut segment {i}'s affine groups of "
+                    f"{seg.group_size} columns (the cut must fall on a multiple of {seg.group_size})")
+    return None
+
+
+def slice_layer(layer: PackedLayer, rows=None, cols=None, bias: bool = True, name: str | None = None) -> PackedLayer:
+    """The layer restricted to output rows ``rows`` and input columns ``cols``: a valid format-v1 layer.
+
+    ``rows``: a step-1 ``range`` (or slice) of output features, None for all. ``cols``: a step-1
+    ``range``, a slice or a strictly increasing sequence of ORIGINAL input columns, None for all;
+    input feature ``i`` of the result is original column ``cols[i]``. ``bias=False`` drops the
+    bias (a row-parallel shard other than the first must not add it again).
+
+    ``y_full[:, rows] == slice_layer(l, rows=rows)(x)`` and ``sum over a partition of the columns of
+    slice_layer(l, cols=c)(x[:, c]) == y_full`` (with the bias on one part). Planes are cut along N
+    when only rows change and are unpacked and repacked when columns change; the permutation,
+    LUT rows, scales and zeros of the kept columns are carried; the CSR correction is filtered
+    and its column indices re-based. Raises :class:`CheckpointError` (naming the layer and the
+    tensor) when the columns cut an affine group.
+    """
+    spec, t = layer.spec, layer.tensors
+    lname = layer.name or None
+    n, k = spec.out_features, spec.in_features
+    r = _row_range(rows, n, lname)
+    c = _col_index(cols, k, lname)
+    r0, r1 = r.start, r.stop
+    out: dict[str, torch.Tensor] = {}
+    segments: list[SegmentSpec] = []
+    perm = t["perm"].to(torch.int64) if spec.has_perm else None
+
+    if c is None:
+        if perm is not None:
+            out["perm"] = t["perm"].clone()
+        for i, seg in enumerate(spec.segments):
+            for pname, _, _ in plane_layout(seg.bits):
+                out[f"seg{i}_{pname}"] = t[f"seg{i}_{pname}"][:, r0:r1].contiguous()
+            if seg.decoder == "affine":
+                out[f"seg{i}_scale"] = t[f"seg{i}_scale"][:, r0:r1].contiguous()
+                out[f"seg{i}_zero"] = t[f"seg{i}_zero"][:, r0:r1].contiguous()
+            else:
+                out[f"seg{i}_lut"] = t[f"seg{i}_lut"].clone()
+            segments.append(seg)
+        new_k = k
+    else:
+        device = t["sparse_row_ptr"].device
+        c = c.to(device)
+        new_index = torch.full((k,), -1, dtype=torch.int64, device=device)
+        new_index[c] = torch.arange(c.numel(), device=device)
+        orig_of_pos = perm if perm is not None else torch.arange(k, device=device)
+        sel_pos = torch.nonzero(new_index[orig_of_pos] >= 0).flatten()  # permuted positions, ascending
+        if perm is not None:
+            out["perm"] = new_index[orig_of_pos[sel_pos]].to(torch.int32)
+        start = 0
+        for i, seg in enumerate(spec.segments):
+            local = sel_pos[(sel_pos >= seg.start) & (sel_pos < seg.end)] - seg.start
+            if local.numel() == 0:
+                continue
+            j = len(segments)
+            planes = {pname: t[f"seg{i}_{pname}"] for pname, _, _ in plane_layout(seg.bits)}
+            codes = unpack_codes(planes, seg.bits, seg.k)[r0:r1][:, local]
+            for pname, plane in pack_codes(codes, seg.bits).items():
+                out[f"seg{j}_{pname}"] = plane
+            kk = local.numel()
+            if seg.decoder == "affine":
+                g = seg.group_size
+                if g >= seg.k:
+                    group, new_g = torch.zeros(1, dtype=torch.int64, device=device), kk
+                else:
+                    groups, counts = torch.unique(local // g, return_counts=True)
+                    full = torch.clamp(seg.k - groups * g, max=g)
+                    if bool((counts != full).any()):
+                        bad = int(groups[counts != full][0])
+                        raise CheckpointError(
+                            f"the selected input columns cut affine group {bad} ({g} columns) of segment {i}; "
+                            "a layer with groups can only be cut on group boundaries", lname, f"seg{i}_scale")
+                    group, new_g = groups, g
+                out[f"seg{j}_scale"] = t[f"seg{i}_scale"][group][:, r0:r1].contiguous()
+                out[f"seg{j}_zero"] = t[f"seg{i}_zero"][group][:, r0:r1].contiguous()
+                segments.append(SegmentSpec(start, start + kk, seg.bits, "affine", new_g))
+            else:
+                out[f"seg{j}_lut"] = t[f"seg{i}_lut"][local].contiguous()
+                segments.append(SegmentSpec(start, start + kk, seg.bits, "lut"))
+            start += kk
+        new_k = c.numel()
+
+    # CSR: rows first (a contiguous block of entries), then the columns (filter, re-base, recount)
+    row_ptr = t["sparse_row_ptr"].to(torch.int64)
+    lo, hi = int(row_ptr[r0]), int(row_ptr[r1])
+    rp = row_ptr[r0 : r1 + 1] - lo
+    col = t["sparse_col"][lo:hi].to(torch.int64)
+    val = t["sparse_val"][lo:hi]
+    if c is not None:
+        keep = new_index[col] >= 0
+        entry_row = torch.repeat_interleave(torch.arange(len(r), device=rp.device), rp.diff())
+        counts = torch.bincount(entry_row[keep], minlength=len(r))
+        rp = torch.cat([rp.new_zeros(1), torch.cumsum(counts, 0)])
+        col, val = new_index[col[keep]], val[keep]
+    col_dtype = "int16" if new_k <= INT16_MAX_K else "int32"
+    out["sparse_row_ptr"] = rp.to(torch.int32).contiguous()
+    out["sparse_col"] = col.to(COL_DTYPES[col_dtype]).contiguous()
+    out["sparse_val"] = val.contiguous()
+    keep_bias = spec.has_bias and bias
+    if keep_bias:
+        out["bias"] = t["bias"][r0:r1].contiguous()
+    new_spec = LayerSpec(
+        in_features=new_k,
+        out_features=len(r),
+        segments=tuple(segments),
+        has_perm=spec.has_perm,
+        has_bias=keep_bias,
+        nnz=int(val.numel()),
+        col_dtype=col_dtype,
+    )
+    return PackedLayer(new_spec, out, layer.name if name is None else name)
 
 
 # --------------------------------------------------------------------------------------------

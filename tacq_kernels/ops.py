@@ -127,40 +127,53 @@ def _quant_linear_fake(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: 
 DEFAULT_WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def warmup_layers(layers, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES, dtype: torch.dtype = torch.float16) -> int:
+    """Tune and compile the kernels of CUDA layers given as op arguments, for ``batch_sizes``.
+
+    ``layers``: an iterable of ``(tensors, spec_ints)`` pairs, the arguments of
+    :func:`quant_linear` (a :class:`QuantLinear`'s buffers, or an engine's shards such as the vLLM
+    plugin's). Call it before CUDA-graph capture: kernel configs are timed the first time a layer
+    shape meets a batch-size bucket (powers of two; M = 3 uses M = 4's), and timing cannot happen
+    inside capture (a shape first seen there falls back to an untuned config, with a warning).
+    Layers with the same spec (nnz counted only as zero or not) run once. CPU layers are skipped.
+    Returns the number of forward calls made.
+    """
+    seen = set()
+    calls = 0
+    with torch.no_grad():
+        for tensors, spec_ints in layers:
+            device = tensors[0].device
+            if device.type != "cuda":
+                continue
+            ints = list(spec_ints)
+            ints[4] = int(ints[4] > 0)  # nnz only matters as zero / non-zero for tuning
+            col = tensors[-3] if spec_ints[3] else tensors[-2]
+            signature = (tuple(ints), col.dtype, device)
+            if signature in seen:
+                continue
+            seen.add(signature)
+            for m in batch_sizes:
+                quant_linear(torch.zeros(m, spec_ints[0], dtype=dtype, device=device), list(tensors), list(spec_ints))
+                calls += 1
+    if calls:
+        torch.cuda.synchronize()
+    return calls
+
+
 def warmup(
     model: torch.nn.Module, batch_sizes=DEFAULT_WARMUP_BATCH_SIZES, dtype: torch.dtype | None = None
 ) -> int:
     """Tune and compile the kernels of every CUDA ``QuantLinear`` in ``model`` for ``batch_sizes``.
 
-    Call it once after loading and before capturing CUDA graphs (or before serving): kernel
-    configs are timed the first time a layer shape meets a batch-size bucket (powers of two; M = 3
-    uses M = 4's), and timing cannot happen during capture (a shape first seen there falls back
-    to an untuned config, with a warning). ``dtype`` is the activation dtype (default: the dtype
-    of the model's first floating-point parameter, else fp16). Layers with the same spec are run
-    once. Returns the number of forward calls made. CPU modules are skipped.
+    Call it once after loading and before capturing CUDA graphs (or before serving); see
+    :func:`warmup_layers`. ``dtype`` is the activation dtype (default: the dtype of the model's
+    first floating-point parameter, else fp16). Returns the number of forward calls made.
     """
     from .module import QuantLinear
 
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float16)
-    seen = set()
-    calls = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, QuantLinear):
-                continue
-            device = module.sparse_row_ptr.device
-            if device.type != "cuda":
-                continue
-            ints = list(module._spec_ints)
-            ints[4] = int(ints[4] > 0)  # nnz only matters as zero / non-zero for tuning
-            signature = (tuple(ints), module.sparse_col.dtype, device)
-            if signature in seen:
-                continue
-            seen.add(signature)
-            for m in batch_sizes:
-                module(torch.zeros(m, module.in_features, dtype=dtype, device=device))
-                calls += 1
-    if calls:
-        torch.cuda.synchronize()
-    return calls
+    return warmup_layers(
+        (([getattr(m, n) for n in m._tensor_names], m._spec_ints) for m in model.modules() if isinstance(m, QuantLinear)),
+        batch_sizes, dtype,
+    )

@@ -211,6 +211,24 @@ def test_step_helper_isolates_failures_and_keeps_the_file_limit(tmp_path):
     assert "NOT PASSED: broken slow late" in result.stdout
 
 
+def test_gpu_check_skip_leaves_named_steps_out(tmp_path):
+    out = tmp_path / "out"
+    script = f"""
+        source {GPU_CHECK}
+        DRY=1
+        init_run {out}
+        step first     10 true
+        step heavy-one 10 bash -c 'echo ran > "$OUTDIR/heavy.json"'
+        step last      10 true
+        finish
+    """
+    result = run_bash(script, tmp_path, GPU_CHECK_SKIP="heavy-one other")
+    assert result.returncode == 1, result.stdout + result.stderr  # a skipped step is not a pass
+    status = {s["name"]: s["status"] for s in json.loads((out / "summary.json").read_text())["steps"]}
+    assert status == {"first": "pass", "heavy-one": "skipped", "last": "pass"}
+    assert not (out / "heavy.json").exists()
+
+
 def test_gpu_only_commands_are_checked_not_run(tmp_path):
     marker = tmp_path / "ran"
     good = tmp_path / "gpu_job.py"
