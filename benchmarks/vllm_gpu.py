@@ -20,60 +20,12 @@ import sys
 import tempfile
 import time
 
-KINDS = {
-    "tacq3": dict(method="tacq", bits=3, outlier_frac=0.01),
-    "claq2.1": dict(method="claq", bits=2.1, reserve_outliers=True),
-    "rtn3g32": dict(method="rtn", bits=3, group_size=32),
-}
-PROMPTS = ["Hello, my name is", "The capital of France", "1, 2, 3, 4,", "tensor parallel"]
+# The checkpoint kinds, prompts and transformers reference are the CPU tests' own (no pytest there).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests_vllm"))
+from tiny_checkpoints import KINDS, PROMPTS, hf_greedy, make_checkpoints  # noqa: E402
+
 MAX_TOKENS = 16
 TOL = 0.05  # nats, fp16 on both sides
-
-
-def make_checkpoints(root, kinds):
-    import torch
-
-    from tacq_quant.data import load_calibration
-    from tacq_quant.export import save_quantized
-    from tacq_quant.pipeline import QuantizeConfig, quantize_model
-    from tacq_quant.tiny import byte_tokenizer, tiny_llama
-
-    text = os.path.join(root, "calib.txt")
-    with open(text, "w") as f:
-        f.write(("Tensor parallelism splits every linear layer across ranks. " * 8) * 30)
-    out = {}
-    for kind in kinds:
-        kw = dict(KINDS[kind])
-        method = kw.pop("method")
-        model = tiny_llama(seed=0, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
-        tok = byte_tokenizer()
-        calib = load_calibration(text, tok, nsamples=4, seqlen=64, seed=1)
-        res = quantize_model(model, calib, QuantizeConfig(method, **kw), progress=False, log=lambda *_: None)
-        out[kind] = save_quantized(model, res.packed, os.path.join(root, kind), tok, method=method,
-                                   method_args=res.method_args, dtype=torch.float16)
-    return out
-
-
-def hf_greedy(ckpt, prompts):
-    import torch
-
-    import tacq_kernels
-    from transformers import AutoTokenizer
-
-    model = tacq_kernels.load(ckpt, device="cuda", dtype=torch.float16).eval()
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    res = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([tok(p)["input_ids"]], device="cuda")
-            g = model.generate(ids, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
-                               output_scores=True, return_dict_in_generate=True, pad_token_id=256)
-            res.append({"prompt_ids": ids[0].tolist(), "tokens": g.sequences[0, ids.shape[1]:].tolist(),
-                        "first_logprobs": torch.log_softmax(g.scores[0][0].float(), -1).cpu()})
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return res
 
 
 def main(argv=None):
@@ -89,11 +41,15 @@ def main(argv=None):
     from vllm import LLM, SamplingParams
 
     work = args.work or tempfile.mkdtemp(prefix="vllm_gpu_")
-    ckpts = make_checkpoints(work, kinds)
+    import torch
+
+    ckpts = make_checkpoints(work, kinds, dtype=torch.float16)
     record = {"commit": os.environ.get("TACQ_COMMIT", "unknown"), "tp": 1, "dtype": "float16", "kinds": {}}
     ok = True
     for kind, ckpt in ckpts.items():
-        hf = hf_greedy(ckpt, PROMPTS)
+        hf = hf_greedy(ckpt, PROMPTS, MAX_TOKENS, device="cuda", dtype=torch.float16)
+        gc.collect()
+        torch.cuda.empty_cache()
         t0 = time.time()
         # CUDA graphs on (enforce_eager=False): tuning must already be done when they are captured
         llm = LLM(model=ckpt, tensor_parallel_size=1, dtype="float16", gpu_memory_utilization=0.3, max_model_len=256,
@@ -107,7 +63,7 @@ def main(argv=None):
             toks = list(o.outputs[0].token_ids)
             equal += toks == h["tokens"]
             t = toks[0]
-            max_lp = max(max_lp, abs(o.outputs[0].logprobs[0][t].logprob - float(h["first_logprobs"][t])))
+            max_lp = max(max_lp, abs(o.outputs[0].logprobs[0][t].logprob - float(h["logprobs"][0][t])))
         rec = {"prompts": len(PROMPTS), "token_identical": equal, "max_first_step_logprob_diff": max_lp,
                "startup_s": round(startup, 1), "quantization": llm.llm_engine.model_config.quantization}
         rec["pass"] = rec["quantization"] == "tacq_kernels" and max_lp < TOL and equal >= len(PROMPTS) - 1

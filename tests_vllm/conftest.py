@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tiny_checkpoints import KINDS, PROMPTS, hf_greedy, make_checkpoints  # noqa: F401 (the tests import them from here)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENGINE_SCRIPT = os.path.join(HERE, "engine_run.py")
 
@@ -26,16 +28,6 @@ VLLM_ENV = {
     "DO_NOT_TRACK": "1",
 }
 
-# The checkpoints every engine test serves: one per kind the quantizer writes.
-KINDS = {
-    # TACQ 3-bit: one affine segment per row, outliers in CSR
-    "tacq3": dict(method="tacq", bits=3, outlier_frac=0.01),
-    # CLAQ 2.1 bits + outlier reservation: act-order permutation, 2- and 4-bit LUT segments, CSR
-    "claq2.1": dict(method="claq", bits=2.1, reserve_outliers=True),
-    # RTN 3-bit, groups of 32 (several groups per row: row-parallel cuts must fall on a group)
-    "rtn3g32": dict(method="rtn", bits=3, group_size=32),
-}
-PROMPTS = ["Hello, my name is", "The capital of France", "1, 2, 3, 4,", "tensor parallel"]
 MAX_TOKENS = 8
 
 
@@ -64,50 +56,9 @@ def run_engine(spec: dict, tmp_path, timeout=400, **env) -> dict:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """{kind: checkpoint dir}: a tiny Llama (hidden 256, 4 heads of 64, 2 KV heads, 2 layers) quantized
-    by tacq_quant in each KINDS setting, saved with fp32 unquantized tensors."""
+    """{kind: checkpoint dir}: a tiny Llama quantized by tacq_quant in each KINDS setting
+    (tiny_checkpoints.make_checkpoints), saved with fp32 unquantized tensors."""
     import torch
 
-    from tacq_quant.data import load_calibration
-    from tacq_quant.export import save_quantized
-    from tacq_quant.pipeline import QuantizeConfig, quantize_model
-    from tacq_quant.tiny import byte_tokenizer, tiny_llama
-
-    root = tmp_path_factory.mktemp("ckpts")
-    text = root / "calib.txt"
-    text.write_text(("Tensor parallelism splits every linear layer across ranks. " * 8
-                     + "Low-bit weights keep a few outliers in sixteen bits. ") * 30)
-    out = {}
     torch.set_num_threads(1)
-    for kind, kw in KINDS.items():
-        kw = dict(kw)
-        method = kw.pop("method")
-        model = tiny_llama(seed=0, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2)
-        tok = byte_tokenizer()
-        calib = load_calibration(str(text), tok, nsamples=4, seqlen=64, seed=1)
-        res = quantize_model(model, calib, QuantizeConfig(method, **kw), progress=False, log=lambda *_: None)
-        out[kind] = save_quantized(model, res.packed, root / kind, tok, method=method, method_args=res.method_args,
-                                   dtype=None)
-    return out
-
-
-def hf_greedy(ckpt: str, prompts, max_tokens: int):
-    """Token ids and per-step log-probabilities of greedy generation with transformers (fp32)."""
-    import torch
-
-    import tacq_kernels
-    from transformers import AutoTokenizer
-
-    model = tacq_kernels.load(ckpt, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    res = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([tok(p)["input_ids"]])
-            g = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens,
-                               output_scores=True, return_dict_in_generate=True, pad_token_id=256,
-                               temperature=None, top_p=None, top_k=None)
-            new = g.sequences[0, ids.shape[1]:].tolist()
-            logps = [torch.log_softmax(s[0].float(), -1) for s in g.scores]
-            res.append({"prompt_ids": ids[0].tolist(), "tokens": new, "logprobs": logps})
-    return res
+    return make_checkpoints(tmp_path_factory.mktemp("ckpts"), KINDS)
