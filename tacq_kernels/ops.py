@@ -98,7 +98,7 @@ def _quant_linear_cuda(x: torch.Tensor, tensors: list[torch.Tensor], spec_ints: 
 
     x = x if x.stride(1) == 1 else x.contiguous()
     # The CUDA C++ GEMV (csrc/, docs/cuda.md) only where TACQ_CUDA allows it: off by default.
-    if x.shape[0] <= cuda_ext.MAX_M and cuda_ext.mode() != "0" and cuda_ext.use_cuda(x, layer):
+    if cuda_ext.use_cuda(x, layer):  # checks TACQ_CUDA first, then M <= MAX_M, dtype, layout
         return torch.ops.tacq_cuda.gemv(x, tensors, spec_ints)
     return kernels.linear(x, layer)
 
