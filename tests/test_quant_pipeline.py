@@ -51,10 +51,12 @@ METHOD_CASES = [
     ("claq", dict(bits=2)),
     ("claq", dict(bits=2.2, reserve_outliers=True)),
     ("claq", dict(bits=3.1)),
+    ("tacq", dict(bits=3, outlier_frac=0.01, base="claq")),
+    ("tacq", dict(bits=2.2, outlier_frac=0.005, base="claq")),
 ]
 
 
-@pytest.mark.parametrize("method,kwargs", METHOD_CASES, ids=[f"{m}-{k['bits']}" for m, k in METHOD_CASES])
+@pytest.mark.parametrize("method,kwargs", METHOD_CASES, ids=[f"{m}-{k.get('base', '')}{k['bits']}" for m, k in METHOD_CASES])
 def test_quantize_save_load_same_logits(tmp_path, text_file, method, kwargs):
     model = tiny_llama(seed=0)
     tok = byte_tokenizer()

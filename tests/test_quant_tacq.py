@@ -113,6 +113,62 @@ def test_tacq_keeps_exactly_the_requested_count_and_reproduces_kept_weights(bits
         assert torch.equal(dict(model.named_modules())[name].weight.detach(), eff)
 
 
+@pytest.mark.parametrize("bits", [2, 3.1])
+def test_tacq_over_claq_codebooks_keeps_exact_weights_out_of_the_codebooks(bits):
+    """--base claq: the same global top-k, kept weights stored exactly (to fp16 rounding), the rest
+    on per-column k-means codebooks (LUT segments)."""
+    from tacq_kernels.reference import dequantize, dequantize_dense
+
+    model = tiny_llama(seed=2)
+    n_weights = sum(m.weight.numel() for m in target_linears(model).values())
+    frac = 0.013
+    kept = {}
+    out = quantize_model(model, calib_windows(), QuantizeConfig("tacq", bits, outlier_frac=frac, base="claq"),
+                         progress=False, log=lambda *_: None, on_layer=lambda name, qw: kept.__setitem__(name, qw))
+    k = round(frac * n_weights)
+    assert out.method_args["kept"] == k and out.method_args["base"] == "claq"
+    assert out.method_args["act_order"] is True  # CLAQ's default
+    assert sum(p.spec.nnz for p in out.packed.values()) == k
+    for name, packed in out.packed.items():
+        assert all(seg.decoder == "lut" for seg in packed.spec.segments)
+        qw = kept[name]
+        if not qw.n_kept:
+            continue
+        eff = dequantize(packed)
+        # a LUT code decodes to its centroid c, so a kept weight w is stored as c + fp16(w - c)
+        # (tacq_quant.quantized_weight): exact up to the fp16 rounding of the difference
+        w, c = qw.kept_values[qw.keep_mask], dequantize_dense(packed)[qw.keep_mask]
+        assert bool(((eff[qw.keep_mask] - w).abs() <= 2**-11 * (w - c).abs() + 2**-25).all())
+        assert torch.equal(dict(model.named_modules())[name].weight.detach(), eff)
+    if bits == 3.1:  # adaptive precision: 4-bit and 3-bit LUT segments
+        assert {s.bits for p in out.packed.values() for s in p.spec.segments} == {3, 4}
+
+
+def test_claq_codebook_fit_ignores_kept_weights():
+    """A column whose kept weights are far outliers: without the mask k-means spends a centroid on
+    them; with the mask every centroid lies inside the range of the non-kept values."""
+    from tacq_quant.claq import KMeansColumnQuantizer
+    from tacq_quant.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 64, 8
+    w = torch.randn(n, k, generator=g) * 0.02
+    keep = torch.zeros(n, k, dtype=torch.bool)
+    keep[:3, :] = True
+    w[:3, :] = 5.0  # huge, and kept
+    x = torch.randn(256, k, generator=g)
+    h = x.t() @ x
+    luts = {}
+    for masked in (False, True):
+        q = KMeansColumnQuantizer(2, seed=1)
+        res = gptq_quantize(w, h, q, keep_mask=keep if masked else None)
+        luts[masked] = res.weight.segments[0].lut
+        if masked:
+            assert torch.equal(res.dequantized[keep], w[keep])  # kept exactly (no earlier column had error there)
+    assert float(luts[False].max()) > 1.0  # a centroid went to the outliers
+    assert float(luts[True].abs().max()) < 0.2  # none did once they are kept
+
+
 def test_gradient_cache_roundtrip(tmp_path):
     model = tiny_llama(seed=3)
     samples = samples_of_mixed_lengths(1)

@@ -25,6 +25,12 @@ The rules, as the authors' code (fayuge/CLAQ, claq.py and quant.py) does them:
   ``out_per[i]`` with i the index inside the 128-column block, which reuses the ratios of the
   first 128 columns in every block, a bug we do not reproduce.
 
+**Kept weights** (TACQ over CLAQ codebooks, ``--method tacq --base claq``): when the GPTQ loop
+passes a keep-mask, a column's k-means is fitted on its *non-kept* current values only (a kept
+weight is stored exactly, so a centroid spent on it would be wasted), and the outlier counts that
+rank columns for AP and OR count only non-kept weights. The loop itself stores kept weights at
+their current value and propagates no error from them (:func:`tacq_quant.gptq.gptq_quantize`).
+
 Storage: the permutation puts the 4-bit columns first (in act-order among themselves) and the
 others after them, so each bit-width is one contiguous LUT segment; the codebooks follow their
 columns. The loop still processes columns in act-order: the storage order is a relabelling of
@@ -50,10 +56,15 @@ def validate_claq_bits(bits: float) -> None:
         raise ValueError(f"CLAQ bits must be in [2, 4] (e.g. 2, 2.1, 2.2, 3, 3.1), got {bits}")
 
 
-def outlier_counts(w: torch.Tensor, threshold: float = OUTLIER_THRESHOLD) -> torch.Tensor:
-    """Per column: how many weights have ``|W_ij| >= threshold * mean |W|`` (whole-matrix mean)."""
+def outlier_counts(w: torch.Tensor, threshold: float = OUTLIER_THRESHOLD,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per column: how many weights have ``|W_ij| >= threshold * mean |W|`` (whole-matrix mean);
+    weights marked in ``keep`` (stored exactly) are not counted."""
     m = w.abs().mean()
-    return (w.abs() >= threshold * m).sum(dim=0)
+    big = w.abs() >= threshold * m
+    if keep is not None:
+        big &= ~keep
+    return big.sum(dim=0)
 
 
 def allocate_bits(counts: torch.Tensor, target: float) -> torch.Tensor:
@@ -104,7 +115,8 @@ class KMeansColumnQuantizer:
 
     def prepare(self, w: torch.Tensor, keep: torch.Tensor | None) -> None:
         n, k = w.shape
-        counts = outlier_counts(w)
+        counts = outlier_counts(w, keep=keep)
+        self.keep = keep if keep is not None and bool(keep.any()) else None
         self.col_bits = allocate_bits(counts, self.target_bits).cpu()
         self.col_bits_list = self.col_bits.tolist()
         self.reserve = None
@@ -121,7 +133,12 @@ class KMeansColumnQuantizer:
 
     def quantize_column(self, col: int, w: torch.Tensor):
         bits = self.col_bits_list[col]
-        c, iters = kmeans_1d(w, 2**bits, init=self.kmeans_init, max_iter=self.max_iter, generator=self.generator)
+        fit = w
+        if self.keep is not None:
+            free = ~self.keep[:, col]
+            if bool(free.any()) and not bool(free.all()):
+                fit = w[free]  # kept weights are stored exactly: no centroid is spent on them
+        c, iters = kmeans_1d(fit, 2**bits, init=self.kmeans_init, max_iter=self.max_iter, generator=self.generator)
         self.iterations += iters
         c = torch.sort(c.to(torch.float16).to(torch.float32)).values  # the codebook as stored (fp16)
         code = assign_nearest(w, c)

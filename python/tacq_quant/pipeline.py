@@ -2,8 +2,11 @@
 
 ``rtn`` and ``gptq`` are one sequential pass; ``claq`` is one pass with the k-means column
 quantizer; ``tacq`` is (1) the per-sample |gradient| pass on the unquantized model, (2) a plain
-GPTQ pass for Q(W) (or Q(W) read from a GPTQ checkpoint made with the same settings), (3) the
-global top-k selection and (4) the masked GPTQ pass. Every pass goes through
+pass of its *base* quantizer for Q(W) (or Q(W) read from a checkpoint of that base made with the
+same settings), (3) the global top-k selection and (4) the masked pass of the base quantizer. The
+base is GPTQ's affine grid (``base="gptq"``, the paper's TACQ) or CLAQ's per-column k-means
+codebooks (``base="claq"``: kept weights are left out of the codebook fit, see
+:mod:`tacq_quant.claq`; fractional bits give CLAQ's adaptive precision). Every pass goes through
 :func:`tacq_quant.sequential.quantize_sequential`, so all methods see the same calibration
 activations, report the same table and produce format-v1 layers.
 """
@@ -29,6 +32,7 @@ from .sequential import LayerReport, quantize_sequential, summarize
 from .tacq import SALIENCY_KINDS, cached_abs_gradients, keep_count, saliency, select_top_k, target_linears
 
 METHODS = ("rtn", "gptq", "tacq", "claq")
+TACQ_BASES = ("gptq", "claq")
 DEFAULT_OUTLIER_FRAC = 0.0035
 
 
@@ -43,6 +47,7 @@ class QuantizeConfig:
     group_size: int = -1
     outlier_frac: float = DEFAULT_OUTLIER_FRAC  # TACQ only
     saliency: str = "tacq"  # TACQ only: the score; qal / msg / magnitude are ablations
+    base: str = "gptq"  # TACQ only: the quantizer of the non-kept weights (gptq: affine grid, claq: k-means)
     act_order: bool | None = None  # None: the method's default (CLAQ on, others off)
     true_sequential: bool = True
     percdamp: float = 0.01
@@ -58,20 +63,26 @@ class QuantizeConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method == "claq":
+        if self.base not in TACQ_BASES:
+            raise ConfigError(f"--base must be one of {', '.join(TACQ_BASES)}, got {self.base!r}")
+        if self.method != "tacq" and self.base != "gptq":
+            raise ConfigError("--base is a TACQ option (the quantizer under the kept weights)")
+        if self.uses_kmeans:
             try:
                 validate_claq_bits(self.bits)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         elif self.bits not in (2, 3, 4):
             raise ConfigError(f"{self.method} needs integer bits 2, 3 or 4, got {self.bits:g} "
-                              "(fractional bits are CLAQ's adaptive precision)")
+                              "(fractional bits are CLAQ's adaptive precision: --method claq or --base claq)")
         if self.method == "tacq" and not 0 <= self.outlier_frac < 1:
             raise ConfigError(f"--outlier-frac must be in [0, 1), got {self.outlier_frac}")
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"--group-size must be -1 (one group per row) or positive, got {self.group_size}")
-        if self.method == "claq" and self.group_size != -1:
+        if self.uses_kmeans and self.group_size != -1:
             raise ConfigError("CLAQ has one codebook per column; --group-size does not apply")
+        if self.reserve_outliers and not self.uses_kmeans:
+            raise ConfigError("--reserve-outliers is CLAQ's (use --method claq or --method tacq --base claq)")
         if not 0 <= self.percdamp < 10:
             raise ConfigError(f"--percdamp must be in [0, 10), got {self.percdamp}")
         if self.blocksize <= 0:
@@ -87,8 +98,13 @@ class QuantizeConfig:
             raise ConfigError(f"--kmeans-init must be kmeans++ or quantile, got {self.kmeans_init!r}")
 
     @property
+    def uses_kmeans(self) -> bool:
+        """Whether the weights go to per-column k-means codebooks (CLAQ, or TACQ over CLAQ)."""
+        return self.method == "claq" or (self.method == "tacq" and self.base == "claq")
+
+    @property
     def effective_act_order(self) -> bool:
-        return self.act_order if self.act_order is not None else self.method == "claq"
+        return self.act_order if self.act_order is not None else self.uses_kmeans
 
     def method_args(self) -> dict:
         d = asdict(self)
@@ -99,7 +115,8 @@ class QuantizeConfig:
         if self.method != "tacq":
             d.pop("outlier_frac")
             d.pop("saliency")
-        if self.method != "claq":
+            d.pop("base")
+        if not self.uses_kmeans:
             d.pop("reserve_outliers")
             d.pop("kmeans_init")
         else:
@@ -137,15 +154,25 @@ def _gptq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] |
     return quantize
 
 
-def _claq_weight_quantizer(cfg: QuantizeConfig):
+def _claq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None):
     def quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
         # one generator seed per matrix, derived from the run's seed and the matrix name
         seed = (cfg.seed * 1_000_003 + sum(name.encode())) % (2**31)
         q = KMeansColumnQuantizer(cfg.bits, reserve_outliers=cfg.reserve_outliers, kmeans_init=cfg.kmeans_init,
                                   seed=seed)
+        keep = None if masks is None else masks.get(name)
+        if keep is not None and not bool(keep.any()):
+            keep = None
         return gptq_quantize(weight, hessian, q, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                             act_order=cfg.effective_act_order).weight
+                             act_order=cfg.effective_act_order, keep_mask=keep).weight
     return quantize
+
+
+def _base_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None):
+    """TACQ's quantizer of the non-kept weights: GPTQ's affine grid or CLAQ's codebooks."""
+    if cfg.base == "claq":
+        return _claq_weight_quantizer(cfg, masks)
+    return _gptq_weight_quantizer(cfg, masks)
 
 
 def _rtn_weight_quantizer(cfg: QuantizeConfig):
@@ -155,7 +182,10 @@ def _rtn_weight_quantizer(cfg: QuantizeConfig):
 
 
 def _load_corrupt_weights(path: str, cfg: QuantizeConfig, calib: CalibrationData, names: list[str]) -> dict[str, torch.Tensor]:
-    """Q(W) from a GPTQ checkpoint made with the same bits, grid settings and calibration data."""
+    """Q(W) from a checkpoint of TACQ's base method (GPTQ or CLAQ) made with the same bits,
+    quantizer settings and calibration data."""
+    import dataclasses
+
     from tacq_kernels import load_layers
     from tacq_kernels.reference import dequantize
 
@@ -165,12 +195,12 @@ def _load_corrupt_weights(path: str, cfg: QuantizeConfig, calib: CalibrationData
     except (OSError, ValueError) as e:
         raise ConfigError(f"--corrupt-from {path}: cannot read config.json ({e})") from None
     args = qc.get("method_args") or {}
-    expect = {"bits": int(cfg.bits), "group_size": cfg.group_size, "act_order": cfg.effective_act_order,
-              "true_sequential": cfg.true_sequential, "percdamp": cfg.percdamp, "blocksize": cfg.blocksize,
-              "clip_search": cfg.clip_search, "seed": cfg.seed, "calib": calib.spec,
-              "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1])}
-    if qc.get("method") != "gptq":
-        raise ConfigError(f"--corrupt-from {path}: expected a gptq checkpoint, found method {qc.get('method')!r}")
+    base_cfg = dataclasses.replace(cfg, method=cfg.base, base="gptq", act_order=cfg.effective_act_order)
+    expect = {k: v for k, v in base_cfg.method_args().items() if k != "method"}
+    expect.update({"calib": calib.spec, "nsamples": int(calib.windows.shape[0]), "seqlen": int(calib.windows.shape[1])})
+    if qc.get("method") != cfg.base:
+        raise ConfigError(f"--corrupt-from {path}: expected a {cfg.base} checkpoint (TACQ's base), "
+                          f"found method {qc.get('method')!r}")
     diff = {k: (args.get(k), v) for k, v in expect.items() if args.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
@@ -258,7 +288,7 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
             stages["gradient_write_seconds"] = ginfo["write_seconds"]
         stages["gradient_samples"] = len(samples)
 
-    # (2) Q(W): plain GPTQ at the same bits on the same data
+    # (2) Q(W): the plain base quantizer at the same bits on the same data
     t0 = time.perf_counter()
     if cfg.saliency in ("magnitude", "msg"):
         corrupt = {n: None for n in names}  # the score does not use Q(W)
@@ -267,12 +297,12 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
         corrupt = _load_corrupt_weights(cfg.corrupt_from, cfg, calib, names)
         stages["corrupt_from"] = cfg.corrupt_from
     else:
-        log("TACQ: plain GPTQ pass for Q(W)")
+        log(f"TACQ: plain {cfg.base.upper()} pass for Q(W)")
         original = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}
         qrun = {**run, "on_layer": None}
         if stores:
             qrun["store"] = stores["qw"]
-        quantize_sequential(model, calib.windows, _gptq_weight_quantizer(cfg), **qrun)
+        quantize_sequential(model, calib.windows, _base_weight_quantizer(cfg), **qrun)
         corrupt = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}
         with torch.no_grad():
             for n, m in linears.items():
@@ -291,5 +321,5 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
     args["kept"] = k
     args["kept_of"] = n_weights
 
-    # (4) GPTQ again from the original weights, with the mask
-    return quantize_sequential(model, calib.windows, _gptq_weight_quantizer(cfg, masks), **run)
+    # (4) the base quantizer again from the original weights, with the mask
+    return quantize_sequential(model, calib.windows, _base_weight_quantizer(cfg, masks), **run)
