@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|all]   (default: all; chains can run in parallel;
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|all]   (default: all; chains can run in parallel;
 #                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
@@ -90,13 +90,27 @@ chain_groups() {
   quantize gptq3_g128 --method gptq --bits 3 --group-size 128 --calib "$WIKI";     evaluate gptq3_g128
 }
 
+# TACQ saliency over CLAQ codebooks (--base claq) at the issue's budgets, all-inclusive: <= 3.35 bits
+# (CLAQ-3's codebooks cost 0.27, each kept weight 32 bits: p = 0.23 %) and <= 2.35 bits (CLAQ-2: 0.18; p = 0.5 %).
+# CALIB=wiki|piqa picks generic or task calibration (the rows' names end in _piqa for the latter).
+chain_tacqclaq() {
+  local c=${1:-wiki} data=$WIKI sfx=""
+  [[ $c == piqa ]] && { data=$PIQA; sfx="_piqa"; }
+  quantize "tacqclaq3$sfx" --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$data" \
+      --grad-cache "$RUNS/grad_$c.safetensors";                                   evaluate "tacqclaq3$sfx"
+  quantize "tacqclaq2$sfx" --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$data" \
+      --grad-cache "$RUNS/grad_$c.safetensors";                                   evaluate "tacqclaq2$sfx"
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
   3bit) chain_bits 3 ;;
   saliency) chain_saliency ;;
   groups) chain_groups ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups ;;
-  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|all]" >&2; exit 2 ;;
+  tacqclaq) chain_tacqclaq wiki ;;
+  tacqclaq_piqa) chain_tacqclaq piqa ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa ;;
+  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
