@@ -161,3 +161,54 @@ def test_multiple_choice_logprobs_match_one_by_one(piqa_file):
             assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
     res = multiple_choice(model, tok, "piqa:" + piqa_file + "@all", progress=False)
     assert res["items"] == 12 and 0 <= res["acc_norm"] <= 1
+
+
+@pytest.mark.parametrize("method,kwargs", [("gptq", dict(bits=3)), ("claq", dict(bits=2.2))])
+def test_replayed_attention_and_mlp_give_the_same_checkpoint(text_file, monkeypatch, method, kwargs):
+    """The true-sequential steps that replay the attention (o_proj of the kept attention output)
+    and the MLP (down_proj of its kept input) give bit-identical layers to full forwards; a replay
+    that disagrees with the full forward is detected and the layer falls back (same result)."""
+    import warnings
+
+    from tacq_quant import sequential
+
+    tok = byte_tokenizer()
+
+    def run():
+        model = tiny_llama(seed=3)
+        calib = load_calibration(text_file, tok, nsamples=6, seqlen=48, seed=2)
+        out = quantize_model(model, calib, QuantizeConfig(method, **kwargs), progress=False, log=lambda *_: None,
+                             batch_size=2)
+        return out.packed
+
+    calls = []
+    original = sequential._CachedLlamaLayer.for_layer.__func__
+
+    def counting(cls, *a, **k):
+        got = original(cls, *a, **k)
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr(sequential._CachedLlamaLayer, "for_layer", classmethod(counting))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the replay must agree: no fallback warning
+        fast = run()
+    assert calls and all(calls)
+    monkeypatch.setattr(sequential._CachedLlamaLayer, "for_layer", classmethod(lambda cls, *a, **k: None))
+    plain = run()
+    for name, p in plain.items():
+        assert p.spec == fast[name].spec
+        for t, v in p.tensors.items():
+            assert torch.equal(v, fast[name].tensors[t]), (name, t)
+
+    # a replay that is wrong is caught on the first batch: warning, full forwards, same layers
+    def wrong(self, *a, **k):
+        return self.o_proj(self.attn_in[self.batch]) * 1.01, None
+
+    monkeypatch.setattr(sequential._CachedLlamaLayer, "for_layer", classmethod(original))
+    monkeypatch.setattr(sequential._CachedLlamaLayer, "_replay_attention", wrong)
+    with pytest.warns(RuntimeWarning, match="falls back to full forwards"):
+        broken = run()
+    for name, p in plain.items():
+        for t, v in p.tensors.items():
+            assert torch.equal(v, broken[name].tensors[t]), (name, t)

@@ -11,7 +11,16 @@
 3. With ``true_sequential`` (the default, as in the TACQ and CLAQ scripts) a Llama layer is done in
    four steps, {q, k, v} -> {o} -> {gate, up} -> {down}: each step's Hessians are collected with
    the earlier steps already quantized. A forward stops as soon as the hooked modules have seen
-   their inputs, so early steps do not pay for the rest of the layer.
+   their inputs (pre-hooks: the last of them does not even run), so early steps do not pay for
+   the rest of the layer.
+4. On such a layer the later steps also skip what no quantization changed
+   (:class:`_CachedLlamaLayer`): the {o} step keeps o_proj's inputs (the attention output, final
+   once q/k/v are quantized), so the {gate, up} and {down} steps and the layer's outputs replay
+   the attention as ``o_proj(cached input)`` instead of recomputing it, and the outputs take
+   down_proj's cached inputs instead of recomputing the MLP. That is about half the arithmetic of
+   plain forwards, with identical results: for the first batch of every layer the replayed
+   tensors are compared with a full forward and the layer falls back to full forwards (with a
+   warning) if they differ.
 
 Memory holds one decoder layer on the device plus the activations of the calibration set
 (``nsamples * seqlen * hidden`` floats, twice). Nothing else of the model leaves the CPU.
@@ -194,8 +203,11 @@ def quantize_sequential(
                 continue
             modules = dict(layer.named_modules())
             first_report = len(result.reports)
-            for group in sequential_groups(layer, true_sequential):
-                hessians = _collect_hessians(layer, modules, group, inputs, kwargs_list, device)
+            groups = sequential_groups(layer, true_sequential)
+            cached = _CachedLlamaLayer.for_layer(layer, groups, name=f"{prefix}.{li}")
+            for group in groups:
+                hessians = (cached.collect_hessians(group, inputs, kwargs_list) if cached is not None
+                            else _collect_hessians(layer, modules, group, inputs, kwargs_list, device))
                 for short in group:
                     name = f"{prefix}.{li}.{short}"
                     bar.set_description(f"layer {li}/{len(layers)} {short}")
@@ -231,7 +243,11 @@ def quantize_sequential(
                 test_point(f"{stage}-saved:{li}")
                 checkpoint(f"layer {li} of {len(layers)} of the {'Q(W)' if stage == 'qw' else 'final'} pass")
             with torch.no_grad():
-                inputs = [_layer_output(layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
+                if cached is not None:
+                    inputs = cached.outputs(inputs, kwargs_list)
+                else:
+                    inputs = [_layer_output(layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
+            del cached
             if device.type != "cpu":
                 layer.to("cpu")
     finally:
@@ -259,14 +275,21 @@ def _restore_layer(store, li: int, layer: nn.Module, prefix: str, result: Sequen
     return len(packed)
 
 
-def _collect_hessians(layer, modules, group, inputs, kwargs_list, device) -> dict[str, torch.Tensor]:
-    """Hessians of the inputs of the linears in ``group`` over all calibration batches."""
+def _collect_hessians(layer, modules, group, inputs, kwargs_list, device, *, keep_input: str | None = None,
+                      before_batch=None) -> dict[str, torch.Tensor]:
+    """Hessians of the inputs of the linears in ``group`` over all calibration batches.
+
+    ``keep_input``: a module of ``group`` whose input of every batch is also returned, as a list
+    under the key ``"__inputs__"``. ``before_batch(b)`` is called before batch ``b`` runs (the
+    cached layer sets its replay index there).
+    """
     accs = {n: HessianAccumulator(modules[n].in_features, device) for n in group}
     seen: set[str] = set()
     xtx_cache: dict[tuple, tuple[torch.Tensor, int]] = {}
+    kept: list[torch.Tensor] = []
 
     def make_hook(short):
-        def hook(module, args, output):
+        def hook(module, args):
             x = args[0].detach()
             # q/k/v (and gate/up) read the same tensor: compute its x^T x once per batch
             key = (x.data_ptr(), tuple(x.shape), x._version)
@@ -274,17 +297,21 @@ def _collect_hessians(layer, modules, group, inputs, kwargs_list, device) -> dic
                 x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
                 xtx_cache[key] = (x2.t() @ x2, x2.shape[0])
             accs[short].add_xtx(*xtx_cache[key])
+            if short == keep_input:
+                kept.append(x)
             seen.add(short)
             if len(seen) == len(group):
                 raise _StopForward
         return hook
 
-    handles = [modules[n].register_forward_hook(make_hook(n)) for n in group]
+    handles = [modules[n].register_forward_pre_hook(make_hook(n)) for n in group]
     try:
         with torch.no_grad():
-            for x, kw in zip(inputs, kwargs_list):
+            for b, (x, kw) in enumerate(zip(inputs, kwargs_list)):
                 seen.clear()
                 xtx_cache.clear()
+                if before_batch is not None:
+                    before_batch(b)
                 try:
                     layer(x, **kw)
                 except _StopForward:
@@ -292,7 +319,145 @@ def _collect_hessians(layer, modules, group, inputs, kwargs_list, device) -> dic
     finally:
         for h in handles:
             h.remove()
-    return {n: acc.hessian() for n, acc in accs.items()}
+    out = {n: acc.hessian() for n, acc in accs.items()}
+    if keep_input is not None:
+        out["__inputs__"] = kept
+    return out
+
+
+def _first_input(layer, module, x, kw) -> torch.Tensor:
+    """The input ``module`` receives when ``layer`` runs on ``x`` (the forward stops there)."""
+    got = []
+
+    def hook(mod, args):
+        got.append(args[0].detach())
+        raise _StopForward
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            layer(x, **kw)
+    except _StopForward:
+        pass
+    finally:
+        h.remove()
+    return got[0]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+
+
+class _CachedLlamaLayer:
+    """The true-sequential steps of one Llama-style decoder layer without recomputing what the
+    earlier steps fixed (module docstring, point 4).
+
+    Once q/k/v are quantized, the attention output of every batch is final: the {o} step keeps
+    it (o_proj's input). Later steps replace ``self_attn.forward`` by ``o_proj(kept input)`` for
+    the batch being run (the decoder layer's own code still does the residuals and norms), and the
+    outputs also replace ``mlp.forward`` by ``down_proj(kept input)`` with down_proj's inputs kept
+    by the {down} step. The replay is checked against a full forward on the first batch, twice:
+    the MLP's input when the {gate, up} step starts and the layer's output at the end; a
+    difference turns the replay off for the rest of the layer (full forwards, a warning).
+    """
+
+    def __init__(self, layer, name: str):
+        self.layer, self.name = layer, name
+        self.attn, self.mlp = layer.get_submodule("self_attn"), layer.get_submodule("mlp")
+        self.modules = dict(layer.named_modules())
+        self.o_proj, self.down_proj = self.modules["self_attn.o_proj"], self.modules["mlp.down_proj"]
+        self.device = self.o_proj.weight.device
+        self.attn_in: list[torch.Tensor] | None = None
+        self.down_in: list[torch.Tensor] | None = None
+        self.batch = 0
+        self.enabled = True
+
+    @classmethod
+    def for_layer(cls, layer, groups, name: str):
+        if [tuple(g) for g in groups] != list(LLAMA_SEQUENTIAL_GROUPS):
+            return None
+        try:
+            return cls(layer, name)
+        except (AttributeError, KeyError):
+            return None
+
+    def _replay_attention(self, *args, **kwargs):
+        return self.o_proj(self.attn_in[self.batch]), None
+
+    def _replay_mlp(self, *args, **kwargs):
+        return self.down_proj(self.down_in[self.batch])
+
+    def _set_batch(self, b: int) -> None:
+        self.batch = b
+
+    def _patched(self, attention: bool, mlp: bool):
+        layer_self = self
+
+        class _Patch:
+            def __enter__(self):
+                if attention:
+                    layer_self.attn.forward = layer_self._replay_attention
+                if mlp:
+                    layer_self.mlp.forward = layer_self._replay_mlp
+
+            def __exit__(self, *exc):
+                layer_self.attn.__dict__.pop("forward", None)
+                layer_self.mlp.__dict__.pop("forward", None)
+                return False
+
+        return _Patch()
+
+    def _disable(self, what: str) -> None:
+        import warnings
+
+        warnings.warn(f"{self.name}: replaying the attention/MLP gave a different {what} than a full forward; "
+                      "this layer falls back to full forwards", RuntimeWarning, stacklevel=3)
+        self.enabled = False
+
+    def collect_hessians(self, group, inputs, kwargs_list) -> dict[str, torch.Tensor]:
+        first = tuple(group)
+        replay = self.enabled and self.attn_in is not None
+        if replay and first == LLAMA_SEQUENTIAL_GROUPS[2]:
+            # check the replay once: the MLP's input, replayed vs from a full forward
+            gate = self.modules[group[0]]
+            ref = _first_input(self.layer, gate, inputs[0], kwargs_list[0])
+            self.batch = 0
+            with self._patched(attention=True, mlp=False):
+                fast = _first_input(self.layer, gate, inputs[0], kwargs_list[0])
+            if not _same(ref, fast):
+                self._disable("MLP input")
+                replay = False
+        keep = {LLAMA_SEQUENTIAL_GROUPS[1]: "self_attn.o_proj", LLAMA_SEQUENTIAL_GROUPS[3]: "mlp.down_proj"}.get(first)
+        if keep == "mlp.down_proj" and not replay:
+            keep = None
+        if replay:
+            with self._patched(attention=True, mlp=False):
+                out = _collect_hessians(self.layer, self.modules, group, inputs, kwargs_list, self.device,
+                                        keep_input=keep, before_batch=self._set_batch)
+        else:
+            out = _collect_hessians(self.layer, self.modules, group, inputs, kwargs_list, self.device,
+                                    keep_input=keep)
+        kept = out.pop("__inputs__", None)
+        if keep == "self_attn.o_proj":
+            self.attn_in = kept
+        elif keep == "mlp.down_proj":
+            self.down_in = kept
+        return out
+
+    @torch.no_grad()
+    def outputs(self, inputs, kwargs_list) -> list[torch.Tensor]:
+        """The layer's outputs (its inputs for the next layer), with the quantized weights."""
+        if self.enabled and self.attn_in is not None and self.down_in is not None:
+            outs = []
+            with self._patched(attention=True, mlp=True):
+                for b, (x, kw) in enumerate(zip(inputs, kwargs_list)):
+                    self.batch = b
+                    outs.append(_layer_output(self.layer(x, **kw)))
+            ref = _layer_output(self.layer(inputs[0], **kwargs_list[0]))
+            if _same(ref, outs[0]):
+                return outs
+            self._disable("layer output")
+        return [_layer_output(self.layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
 
 
 def format_summary(reports: list[LayerReport], seconds: float | None = None) -> str:
