@@ -18,11 +18,28 @@ after ``max_iter``. Empty clusters keep their previous centroid.
 Initialisation: ``"kmeans++"`` (D^2 sampling from a seeded generator, like scikit-learn's
 default that CLAQ's authors use) or ``"quantile"`` (centroid j starts at the ``(j + 1/2)/k``
 quantile: deterministic, no random numbers).
+
+Two implementations compute the same thing. CLAQ calls these functions once per weight column
+on columns of a few hundred to a few thousand values, where torch's per-operation overhead on
+tiny tensors dominates, so for CPU tensors the arithmetic runs in numpy (float64, the same
+elementwise operations in the same order, a sequential prefix sum like torch's CPU ``cumsum``);
+the k-means++ random draws still go through ``torch.randint`` / ``torch.multinomial`` on the
+same generator with bit-identical probabilities (their normaliser summed by torch), so the
+draws and the generator's state afterwards are those of the torch path. Other devices, and the
+rare inputs where the two could differ at all (non-finite values, ``-0.0``, whose order among
+equal zeros no sort guarantees, or float64 input), use the torch implementation
+(``_kmeans_1d_torch``); ``tests/test_quant_claq.py`` checks that both give the same centroids
+bit for bit, the same iteration counts and the same generator state.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+# float32 or narrower: the values are multiples of 2^-149, so no float64 mean of them underflows
+# to -0.0 (the proof that the numpy path never meets a signed-zero tie it could order differently)
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kmeanspp_init(xs: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -48,7 +65,7 @@ def _quantile_init(xs: torch.Tensor, k: int) -> torch.Tensor:
     return xs[pos]
 
 
-def kmeans_1d(
+def _kmeans_1d_torch(
     x: torch.Tensor,
     k: int,
     *,
@@ -57,11 +74,7 @@ def kmeans_1d(
     generator: torch.Generator | None = None,
     init_centroids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """k-means of the values of ``x`` (any shape, flattened). Returns (sorted centroids fp32 [k],
-    number of Lloyd iterations run). Arithmetic is float64 internally.
-
-    ``init_centroids`` overrides ``init`` (used by the tests to compare with a naive loop).
-    """
+    """:func:`kmeans_1d` in torch operations on ``x``'s device: the reference implementation."""
     xs = torch.sort(x.reshape(-1).to(torch.float64)).values
     n = xs.numel()
     if n == 0:
@@ -97,7 +110,129 @@ def kmeans_1d(
     return c.to(torch.float32), iters
 
 
+def _has_negative_zero(a: np.ndarray) -> bool:
+    return bool(np.any((a == 0) & np.signbit(a)))
+
+
+def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None) -> np.ndarray:
+    """:func:`_kmeanspp_init` on numpy values: the same draws from ``generator``.
+
+    ``torch.multinomial(p, 1)`` is, in ATen (``multinomial_out``, the path for one sample), the
+    argmax (first on ties) of ``p / q`` with ``q = empty_like(p).exponential_(1, generator)``
+    after checks that draw nothing; here ``q`` is drawn the same way and the argmax taken in
+    numpy. The tests compare the draws and the generator state with the torch path.
+    """
+    n = xs.size
+    first = torch.randint(n, (1,), generator=generator)
+    centers = [xs[int(first)]]
+    d2 = (xs - centers[0]) ** 2
+    d2_t = torch.from_numpy(d2)  # shares d2's memory
+    q_t = torch.empty(n, dtype=torch.float64)
+    q = q_t.numpy()
+    tmp = np.empty_like(xs)
+    for _ in range(1, k):
+        total = float(d2_t.sum())  # torch's summation order: the same probabilities d2 / total
+        if not total > 0:  # fewer distinct values than clusters: repeat a centre
+            centers.append(centers[-1])
+            continue
+        q_t.exponential_(1, generator=generator)
+        np.divide(d2, total, out=tmp)
+        np.divide(tmp, q, out=tmp)
+        c = xs[int(np.argmax(tmp))]
+        centers.append(c)
+        np.subtract(xs, c, out=tmp)
+        np.square(tmp, out=tmp)
+        np.minimum(d2, tmp, out=d2)
+    return np.array(centers, dtype=np.float64)
+
+
+def _lloyd_np(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, int]:
+    """The Lloyd loop of :func:`_kmeans_1d_torch` in numpy on the sorted values ``xs``: the same
+    float64 operations, in place on preallocated buffers (the loop is overhead-bound)."""
+    n = xs.size
+    c = np.sort(c)
+    k = c.size
+    prefix = np.empty(n + 1, dtype=np.float64)
+    prefix[0] = 0.0
+    np.cumsum(xs, out=prefix[1:])  # sequential, like torch's CPU cumsum
+    full = np.empty(k + 1, dtype=np.int64)  # cluster j is the run [full[j], full[j+1])
+    full[0], full[-1] = 0, n
+    inner, lo, hi = full[1:-1], full[:-1], full[1:]
+    c_lo, c_hi = c[:-1], c[1:]
+    mid = np.empty(k - 1 if k else 0, dtype=np.float64)
+    count = np.empty(k, dtype=np.int64)
+    nonempty = np.empty(k, dtype=bool)
+    ps = np.empty(k + 1, dtype=np.float64)
+    ps_lo, ps_hi = ps[:-1], ps[1:]
+    sums = np.empty(k, dtype=np.float64)
+    bounds = None
+    iters = 0
+    for iters in range(1, max_iter + 1):
+        np.add(c_lo, c_hi, out=mid)
+        np.multiply(mid, 0.5, out=mid)
+        new_bounds = xs.searchsorted(mid, side="right")  # points <= mid_j belong to clusters <= j
+        key = new_bounds.tobytes()
+        if key == bounds:
+            iters -= 1  # this pass changed nothing: the previous one reached the fixed point
+            break
+        bounds = key
+        inner[...] = new_bounds
+        np.subtract(hi, lo, out=count)
+        np.take(prefix, full, out=ps)
+        np.subtract(ps_hi, ps_lo, out=sums)
+        np.greater(count, 0, out=nonempty)
+        np.divide(sums, count, out=c, where=nonempty)  # empty clusters keep their centroid
+        c.sort()  # only empty clusters can break the order
+    return c, iters
+
+
+def kmeans_1d(
+    x: torch.Tensor,
+    k: int,
+    *,
+    init: str = "kmeans++",
+    max_iter: int = 300,
+    generator: torch.Generator | None = None,
+    init_centroids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """k-means of the values of ``x`` (any shape, flattened). Returns (sorted centroids fp32 [k],
+    number of Lloyd iterations run). Arithmetic is float64 internally.
+
+    ``init_centroids`` overrides ``init`` (used by the tests to compare with a naive loop).
+    """
+    args = dict(init=init, max_iter=max_iter, generator=generator, init_centroids=init_centroids)
+    if x.device.type != "cpu" or x.dtype not in _NUMPY_DTYPES or x.numel() == 0:
+        return _kmeans_1d_torch(x, k, **args)
+    flat = x.detach().reshape(-1)
+    xs = (flat if flat.dtype == torch.float32 else flat.to(torch.float32)).numpy().astype(np.float64)
+    xs.sort()  # NaNs last, so finite ends mean finite values
+    lo = int(np.searchsorted(xs, 0.0, side="left"))
+    if not (np.isfinite(xs[0]) and np.isfinite(xs[-1])) \
+            or (lo < xs.size and xs[lo] == 0 and _has_negative_zero(xs[lo:np.searchsorted(xs, 0.0, side="right")])):
+        return _kmeans_1d_torch(x, k, **args)
+    if init_centroids is not None:
+        c = init_centroids.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
+        if not np.isfinite(c).all() or _has_negative_zero(c):
+            return _kmeans_1d_torch(x, k, **args)
+    elif init == "quantile":
+        n = xs.size
+        c = xs[np.minimum(((np.arange(k, dtype=np.float64) + 0.5) * n / k).astype(np.int64), n - 1)]
+    elif init == "kmeans++":
+        c = _kmeanspp_init_np(xs, k, generator)
+    else:
+        raise ValueError(f"unknown k-means init {init!r}")
+    c, iters = _lloyd_np(xs, c, max_iter)
+    return torch.from_numpy(c.astype(np.float32)), iters
+
+
 def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest of the sorted ``centroids`` for every value (ties to the lower index)."""
+    if x.device.type == "cpu" and centroids.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
+            and centroids.dtype in (torch.float32, torch.float64):
+        c = centroids.detach().numpy().astype(np.float64)
+        mid = (c[:-1] + c[1:]) * 0.5
+        xv = x.detach().numpy()
+        if not np.isnan(mid).any() and not np.isnan(xv.sum()):  # NaNs: torch and numpy differ
+            return torch.from_numpy(np.asarray(np.searchsorted(mid, xv, side="left")))
     mid = (centroids[:-1].to(torch.float64) + centroids[1:].to(torch.float64)) * 0.5
     return torch.searchsorted(mid, x.to(torch.float64).contiguous(), right=False)
