@@ -21,18 +21,22 @@ quantile: deterministic, no random numbers).
 
 Two implementations compute the same thing. CLAQ calls these functions once per weight column
 on columns of a few hundred to a few thousand values, where torch's per-operation overhead on
-tiny tensors dominates, so for CPU tensors the arithmetic runs in numpy (float64, the same
-elementwise operations in the same order, a sequential prefix sum like torch's CPU ``cumsum``);
-the k-means++ random draws still go through ``torch.randint`` / ``torch.multinomial`` on the
-same generator with bit-identical probabilities (their normaliser summed by torch), so the
-draws and the generator's state afterwards are those of the torch path. Other devices, and the
-rare inputs where the two could differ at all (non-finite values, ``-0.0``, whose order among
-equal zeros no sort guarantees, or float64 input), use the torch implementation
-(``_kmeans_1d_torch``); ``tests/test_quant_claq.py`` checks that both give the same centroids
-bit for bit, the same iteration counts and the same generator state.
+tiny tensors dominates. So for CPU tensors the values are sorted in numpy and the Lloyd loop runs
+on Python floats (IEEE doubles: the same float64 operations in the same order, ``bisect`` for
+the search, a sequential prefix sum like torch's CPU ``cumsum``). The k-means++ draws still come
+from the same generator through the same torch calls: ``torch.randint``, and for each
+``torch.multinomial(p, 1)`` what ATen runs for it (``q = exponential_(1)`` of p's shape, then
+the first argmax of ``p / q``, taken here in numpy) on bit-identical probabilities (their
+normaliser summed by torch), so the draws and the generator's state afterwards are those of the
+torch path. Other devices, and the rare inputs where the two could differ at all (non-finite
+values; ``-0.0``, whose order among equal zeros no sort guarantees; float64 input), use the torch
+implementation ``_kmeans_1d_torch``. ``tests/test_quant_claq.py`` checks that both give the same
+centroids bit for bit, the same iteration counts and the same generator state.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_right
 
 import numpy as np
 import torch
@@ -130,7 +134,7 @@ def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None)
     q_t = torch.empty(n, dtype=torch.float64)
     q = q_t.numpy()
     tmp = np.empty_like(xs)
-    for _ in range(1, k):
+    for i in range(1, k):
         total = float(d2_t.sum())  # torch's summation order: the same probabilities d2 / total
         if not total > 0:  # fewer distinct values than clusters: repeat a centre
             centers.append(centers[-1])
@@ -140,6 +144,8 @@ def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None)
         np.divide(tmp, q, out=tmp)
         c = xs[int(np.argmax(tmp))]
         centers.append(c)
+        if i == k - 1:
+            break  # the distances to the last centre are never used
         np.subtract(xs, c, out=tmp)
         np.square(tmp, out=tmp)
         np.minimum(d2, tmp, out=d2)
@@ -147,43 +153,33 @@ def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None)
 
 
 def _lloyd_np(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, int]:
-    """The Lloyd loop of :func:`_kmeans_1d_torch` in numpy on the sorted values ``xs``: the same
-    float64 operations, in place on preallocated buffers (the loop is overhead-bound)."""
+    """The Lloyd loop of :func:`_kmeans_1d_torch` on the sorted values ``xs``, in Python floats
+    (IEEE doubles: the same float64 operations in the same order). With k <= 16 centroids a
+    scalar loop with ``bisect`` beats any sequence of numpy calls, whose overhead dominates."""
     n = xs.size
-    c = np.sort(c)
-    k = c.size
     prefix = np.empty(n + 1, dtype=np.float64)
     prefix[0] = 0.0
     np.cumsum(xs, out=prefix[1:])  # sequential, like torch's CPU cumsum
-    full = np.empty(k + 1, dtype=np.int64)  # cluster j is the run [full[j], full[j+1])
-    full[0], full[-1] = 0, n
-    inner, lo, hi = full[1:-1], full[:-1], full[1:]
-    c_lo, c_hi = c[:-1], c[1:]
-    mid = np.empty(k - 1 if k else 0, dtype=np.float64)
-    count = np.empty(k, dtype=np.int64)
-    nonempty = np.empty(k, dtype=bool)
-    ps = np.empty(k + 1, dtype=np.float64)
-    ps_lo, ps_hi = ps[:-1], ps[1:]
-    sums = np.empty(k, dtype=np.float64)
+    xl, s = xs.tolist(), prefix.tolist()
+    c = sorted(c.tolist())
     bounds = None
     iters = 0
     for iters in range(1, max_iter + 1):
-        np.add(c_lo, c_hi, out=mid)
-        np.multiply(mid, 0.5, out=mid)
-        new_bounds = xs.searchsorted(mid, side="right")  # points <= mid_j belong to clusters <= j
-        key = new_bounds.tobytes()
-        if key == bounds:
+        # points <= the midpoint (c_j + c_{j+1}) / 2 belong to clusters <= j
+        new_bounds = [bisect_right(xl, (lo + hi) * 0.5) for lo, hi in zip(c, c[1:])]
+        if new_bounds == bounds:
             iters -= 1  # this pass changed nothing: the previous one reached the fixed point
             break
-        bounds = key
-        inner[...] = new_bounds
-        np.subtract(hi, lo, out=count)
-        np.take(prefix, full, out=ps)
-        np.subtract(ps_hi, ps_lo, out=sums)
-        np.greater(count, 0, out=nonempty)
-        np.divide(sums, count, out=c, where=nonempty)  # empty clusters keep their centroid
+        bounds = new_bounds
+        a = 0
+        for j, b in enumerate(new_bounds):
+            if b > a:  # empty clusters keep their centroid
+                c[j] = (s[b] - s[a]) / (b - a)
+            a = b
+        if n > a:
+            c[-1] = (s[n] - s[a]) / (n - a)
         c.sort()  # only empty clusters can break the order
-    return c, iters
+    return np.array(c, dtype=np.float64), iters
 
 
 def kmeans_1d(
@@ -201,7 +197,8 @@ def kmeans_1d(
     ``init_centroids`` overrides ``init`` (used by the tests to compare with a naive loop).
     """
     args = dict(init=init, max_iter=max_iter, generator=generator, init_centroids=init_centroids)
-    if x.device.type != "cpu" or x.dtype not in _NUMPY_DTYPES or x.numel() == 0:
+    no_centroids = k < 1 if init_centroids is None else init_centroids.numel() == 0
+    if x.device.type != "cpu" or x.dtype not in _NUMPY_DTYPES or x.numel() == 0 or no_centroids:
         return _kmeans_1d_torch(x, k, **args)
     flat = x.detach().reshape(-1)
     xs = (flat if flat.dtype == torch.float32 else flat.to(torch.float32)).numpy().astype(np.float64)
@@ -231,8 +228,8 @@ def assign_nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
             and centroids.dtype in (torch.float32, torch.float64):
         c = centroids.detach().numpy().astype(np.float64)
         mid = (c[:-1] + c[1:]) * 0.5
-        xv = x.detach().numpy()
-        if not np.isnan(mid).any() and not np.isnan(xv.sum()):  # NaNs: torch and numpy differ
+        xv = x.detach().numpy().astype(np.float64)
+        if not np.isnan(mid).any() and not np.isnan(xv.sum()):  # NaNs: torch and numpy order them apart
             return torch.from_numpy(np.asarray(np.searchsorted(mid, xv, side="left")))
     mid = (centroids[:-1].to(torch.float64) + centroids[1:].to(torch.float64)) * 0.5
     return torch.searchsorted(mid, x.to(torch.float64).contiguous(), right=False)
