@@ -152,7 +152,7 @@ def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None)
     return np.array(centers, dtype=np.float64)
 
 
-def _lloyd_np(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, int]:
+def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, int]:
     """The Lloyd loop of :func:`_kmeans_1d_torch` on the sorted values ``xs``, in Python floats
     (IEEE doubles: the same float64 operations in the same order). With k <= 16 centroids a
     scalar loop with ``bisect`` beats any sequence of numpy calls, whose overhead dominates."""
@@ -218,7 +218,7 @@ def kmeans_1d(
         c = _kmeanspp_init_np(xs, k, generator)
     else:
         raise ValueError(f"unknown k-means init {init!r}")
-    c, iters = _lloyd_np(xs, c, max_iter)
+    c, iters = _lloyd_sorted(xs, c, max_iter)
     return torch.from_numpy(c.astype(np.float32)), iters
 
 
