@@ -213,3 +213,79 @@ def test_claq_outlier_reservation():
     c = dequantize_dense(packed)[keep]
     bound = (kept - c).abs() * 2.0**-11 + 2.0**-25
     assert bool(((eff[keep] - kept).abs() <= bound).all())
+
+
+def _columns(g, n):
+    """Test columns of n values: normal, heavy-tailed, with many duplicates, with few distinct values."""
+    yield torch.randn(n, generator=g)
+    yield torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 3 / torch.rand(n, generator=g)
+    yield torch.round(torch.randn(n, generator=g) * 4) / 4 + 0.0  # + 0.0: no -0.0 (torch path)
+    yield torch.randint(0, 3, (n,), generator=g).float() * 0.01 - 0.005
+
+
+@pytest.mark.parametrize("n", [1, 3, 576, 1536])
+def test_kmeans_fast_path_is_bit_identical_to_the_torch_reference(n, monkeypatch):
+    """The numpy path of kmeans_1d (CPU) gives exactly what _kmeans_1d_torch (the original torch
+    implementation, still used on other devices) gives: centroids bit for bit, iterations, the
+    k-means++ draws and the generator state after the call; assign_nearest likewise."""
+    import tacq_quant.kmeans as km
+
+    _kmeans_1d_torch = km._kmeans_1d_torch
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("these columns must take the numpy path")
+
+    monkeypatch.setattr(km, "_kmeans_1d_torch", no_fallback)
+    g = torch.Generator().manual_seed(1000 + n)
+    for ci, x in enumerate(_columns(g, n)):
+        for k in (4, 8, 16):
+            for init in ("kmeans++", "quantile"):
+                seed = 97 * n + 13 * ci + k
+                g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+                c1, it1 = kmeans_1d(x, k, init=init, generator=g1)
+                c2, it2 = _kmeans_1d_torch(x, k, init=init, generator=g2)
+                assert c1.dtype == torch.float32 and c1.shape == (k,)
+                assert torch.equal(c1.view(torch.int32), c2.view(torch.int32)), (n, ci, k, init)
+                assert it1 == it2
+                assert torch.equal(g1.get_state(), g2.get_state())
+                assert torch.equal(torch.randint(2**62, (4,), generator=g1), torch.randint(2**62, (4,), generator=g2))
+                for cb in (c1, c1.to(torch.float16).to(torch.float32)):  # CLAQ assigns to the fp16 codebook
+                    code = assign_nearest(x, cb)
+                    mid = (cb[:-1].double() + cb[1:].double()) * 0.5
+                    ref = torch.searchsorted(mid, x.double(), right=False)
+                    assert code.dtype == ref.dtype and torch.equal(code, ref)
+            init_c = x[torch.randint(n, (k,), generator=g)] + 0.01 * torch.randn(k, generator=g)
+            c1, it1 = kmeans_1d(x, k, init_centroids=init_c)
+            c2, it2 = _kmeans_1d_torch(x, k, init_centroids=init_c)
+            assert torch.equal(c1.view(torch.int32), c2.view(torch.int32)) and it1 == it2
+
+
+def test_kmeans_inputs_routed_to_the_torch_path_still_match():
+    """-0.0, non-finite values and float64 input take the torch implementation: same results."""
+    from tacq_quant.kmeans import _kmeans_1d_torch
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.round(torch.randn(200, generator=g) * 2) / 2
+    x[::7] = -0.0
+    with_inf = torch.cat([x, torch.tensor([float("inf")])])
+    for col in (x, x.double(), x.half(), x.bfloat16(), with_inf):
+        for init in ("kmeans++", "quantile"):
+            if col is with_inf and init == "kmeans++":  # infinite D^2 weights: both raise
+                for f in (kmeans_1d, _kmeans_1d_torch):
+                    with pytest.raises(RuntimeError):
+                        f(col, 8, init=init, generator=torch.Generator().manual_seed(3))
+                continue
+            g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+            c1, it1 = kmeans_1d(col, 8, init=init, generator=g1)
+            c2, it2 = _kmeans_1d_torch(col, 8, init=init, generator=g2)
+            assert torch.equal(c1.view(torch.int32), c2.view(torch.int32)) and it1 == it2
+            assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kmeans_on_cuda_uses_the_torch_path():
+    x = torch.randn(1536, device="cuda")
+    c, iters = kmeans_1d(x, 8, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert c.device.type == "cuda" and c.shape == (8,) and bool((c[1:] >= c[:-1]).all()) and iters > 0
+    code = assign_nearest(x, c)
+    assert code.device.type == "cuda" and torch.equal(code, (x[:, None] - c[None, :]).abs().argmin(dim=1))
