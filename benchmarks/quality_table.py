@@ -20,7 +20,8 @@ import sys
 ORDER = ["unquantized",
          "rtn2", "gptq2", "tacq2", "gptq2_piqa", "tacq2_piqa", "claq2", "claq2.1", "claq2.2", "claq2.1_or",
          "rtn3", "gptq3", "tacq3", "gptq3_piqa", "tacq3_piqa", "claq3", "claq3.1", "claq3.1_or",
-         "tacq2_magnitude", "tacq2_msg", "tacq2_qal", "gptq2_g128", "gptq3_g128"]
+         "tacq2_magnitude", "tacq2_msg", "tacq2_qal", "gptq2_g128", "gptq3_g128",
+         "tacqclaq2", "tacqclaq2_piqa", "tacqclaq3", "tacqclaq3_piqa"]
 
 
 def load(path):
@@ -36,11 +37,13 @@ def label(name: str, q: dict | None) -> str:
         return "unquantized (fp32)"
     a = q["method_args"]
     m = a["method"].upper()
+    if a["method"] == "tacq" and a.get("base", "gptq") != "gptq":
+        m += f" over {a['base'].upper()}"
     bits = f"{a['bits']:g}"
     extra = []
     if a["method"] == "tacq":
         extra.append(f"p={100 * a['outlier_frac']:g}%")
-    if a["method"] == "claq":
+    if a["method"] == "claq" or a.get("base") == "claq":
         if float(a["bits"]) != int(float(a["bits"])):
             extra.append("AP")
         if a.get("reserve_outliers"):

@@ -134,9 +134,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--saliency", default="tacq", choices=SALIENCY_KINDS,
                    help="TACQ score: |W|*G*|Q(W)-W| (default) or, for ablations, qal = G*|Q(W)-W|, msg = |W|*G, "
                         "magnitude = |W|")
-    p.add_argument("--base", default="gptq", choices=TACQ_BASES,
-                   help="TACQ: quantizer of the non-kept weights: gptq (affine grid, the paper's TACQ; default) or "
-                        "claq (per-column k-means codebooks; fractional --bits give adaptive precision)")
+    p.add_argument("--base", default=None, choices=TACQ_BASES,
+                   help="TACQ: quantizer of the non-kept weights: claq (per-column k-means codebooks, the default: "
+                        "better at every measured budget, docs/results.md; fractional --bits give adaptive "
+                        "precision) or gptq (the paper's affine grid; needed for --group-size)")
     p.add_argument("--group-size", type=int, default=-1, help="columns per scale/zero group; -1: one per row (default)")
     p.add_argument("--calib", required=True,
                    help="calibration data: text:PATH | wikitext2:PATH | piqa:PATH | gsm8k:PATH | jsonl:PATH | "
@@ -246,7 +247,7 @@ def _run_quantize(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr))
     cfg = QuantizeConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, outlier_frac=args.outlier_frac,
-        saliency=args.saliency, base=args.base, act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
+        saliency=args.saliency, base=args.base or ("claq" if args.method == "tacq" else "gptq"), act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
     )

