@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 DATA=${TACQ_DATA:-../shared/data}
 RUNS=${RUNS:-runs/resume_overhead}
 PY=${PY:-.venv/bin/python}
-ARGS=(--method tacq --bits 3 --calib "wikitext2:$DATA/wikitext-2-raw/wiki.test.raw" --nsamples 32 --seqlen 256
+ARGS=(--method tacq --base gptq --bits 3 --calib "wikitext2:$DATA/wikitext-2-raw/wiki.test.raw" --nsamples 32 --seqlen 256
       --threads 1 --quiet)
 rm -rf "$RUNS"; mkdir -p "$RUNS"
 run() {  # NAME ARGS...: time one run, keep its stderr

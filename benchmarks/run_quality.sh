@@ -60,10 +60,10 @@ chain_bits() {
   local b=$1
   quantize "rtn$b" --method rtn --bits "$b" --calib "$WIKI";                      evaluate "rtn$b"
   quantize "gptq$b" --method gptq --bits "$b" --calib "$WIKI";                    evaluate "gptq$b"
-  quantize "tacq$b" --method tacq --bits "$b" --calib "$WIKI" \
+  quantize "tacq$b" --method tacq --base gptq --bits "$b" --calib "$WIKI" \
       --corrupt-from "$RUNS/gptq$b" --grad-cache "$RUNS/grad_wiki.safetensors";   evaluate "tacq$b"
   quantize "gptq${b}_piqa" --method gptq --bits "$b" --calib "$PIQA";             evaluate "gptq${b}_piqa"
-  quantize "tacq${b}_piqa" --method tacq --bits "$b" --calib "$PIQA" \
+  quantize "tacq${b}_piqa" --method tacq --base gptq --bits "$b" --calib "$PIQA" \
       --corrupt-from "$RUNS/gptq${b}_piqa" --grad-cache "$RUNS/grad_piqa.safetensors"; evaluate "tacq${b}_piqa"
   quantize "claq$b" --method claq --bits "$b" --calib "$WIKI";                    evaluate "claq$b"
   local fr
@@ -79,9 +79,9 @@ chain_bits() {
 # (the same gradients, Q(W) and budget; only the ranking changes)
 chain_saliency() {
   local grad=(--grad-cache "$RUNS/grad_wiki.safetensors") q=(--corrupt-from "$RUNS/gptq2")
-  quantize tacq2_magnitude --method tacq --bits 2 --saliency magnitude --calib "$WIKI";             evaluate tacq2_magnitude
-  quantize tacq2_msg --method tacq --bits 2 --saliency msg --calib "$WIKI" "${grad[@]}";            evaluate tacq2_msg
-  quantize tacq2_qal --method tacq --bits 2 --saliency qal --calib "$WIKI" "${grad[@]}" "${q[@]}";  evaluate tacq2_qal
+  quantize tacq2_magnitude --method tacq --base gptq --bits 2 --saliency magnitude --calib "$WIKI";             evaluate tacq2_magnitude
+  quantize tacq2_msg --method tacq --base gptq --bits 2 --saliency msg --calib "$WIKI" "${grad[@]}";            evaluate tacq2_msg
+  quantize tacq2_qal --method tacq --base gptq --bits 2 --saliency qal --calib "$WIKI" "${grad[@]}" "${q[@]}";  evaluate tacq2_qal
 }
 
 # GPTQ with a scale per 128 weights instead of per row: the usual stronger baseline, with its bits
