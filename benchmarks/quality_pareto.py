@@ -15,22 +15,14 @@ two-panel plot: one marker per method and recipe, the unquantized model as a lin
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 
-from quality_table import calib_name, label, load
+from quality_table import calib_name, label, load, scan_run_log
 
 
 def rows_of(results: str) -> list[dict]:
     commits = load(os.path.join(results, "commits.json")) or {}
-    commands = {}
-    log = os.path.join(results, "run.log")
-    if os.path.exists(log):
-        for line in open(log):
-            m = re.search(r"\] quantize (\S+): (.*)$", line)
-            if m:
-                commands[m.group(1)] = m.group(2).strip()
+    commands = {name: cmd.strip() for name, cmd in scan_run_log(results, r"\] quantize (\S+): (.*)$").items()}
     rows = []
     for f in sorted(os.listdir(results)):
         if not f.endswith(".eval.json"):

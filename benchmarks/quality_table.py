@@ -63,15 +63,20 @@ def calib_name(q: dict | None) -> str:
     return {"wikitext2": "WikiText-2 (calib half)", "piqa": "PIQA (calib half)"}.get(kind, spec)
 
 
-def wall_times(results: str) -> dict[str, int]:
+def scan_run_log(results: str, pattern: str) -> dict[str, str]:
+    """``{group 1: group 2}`` for every line of RESULTS/run.log that ``pattern`` matches (later lines win)."""
     out = {}
     log = os.path.join(results, "run.log")
     if os.path.exists(log):
         for line in open(log):
-            m = re.search(r"done (\S+) in (\d+) s wall", line)
+            m = re.search(pattern, line)
             if m:
-                out[m.group(1)] = int(m.group(2))
+                out[m.group(1)] = m.group(2)
     return out
+
+
+def wall_times(results: str) -> dict[str, int]:
+    return {name: int(s) for name, s in scan_run_log(results, r"done (\S+) in (\d+) s wall").items()}
 
 
 def main(results: str = "benchmarks/results/quality") -> str:

@@ -247,7 +247,8 @@ def _run_quantize(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr))
     cfg = QuantizeConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, outlier_frac=args.outlier_frac,
-        saliency=args.saliency, base=args.base or ("claq" if args.method == "tacq" else "gptq"), act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
+        saliency=args.saliency, base=args.base or ("claq" if args.method == "tacq" else "gptq"),
+        act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
     )

@@ -144,12 +144,16 @@ class QuantizeOutcome:
                 **summarize(self.reports)}
 
 
+def _mask_of(masks: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+    """TACQ's keep-mask of one matrix, or None where it keeps nothing (or there is no mask)."""
+    keep = None if masks is None else masks.get(name)
+    return keep if keep is not None and bool(keep.any()) else None
+
+
 def _gptq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None):
     def quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
         q = AffineColumnQuantizer(int(cfg.bits), cfg.group_size, clip_search=cfg.clip_search)
-        keep = None if masks is None else masks.get(name)
-        if keep is not None and not bool(keep.any()):
-            keep = None
+        keep = _mask_of(masks, name)
         return gptq_quantize(weight, hessian, q, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                              act_order=cfg.effective_act_order, keep_mask=keep).weight
     return quantize
@@ -161,9 +165,7 @@ def _claq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] |
         seed = (cfg.seed * 1_000_003 + sum(name.encode())) % (2**31)
         q = KMeansColumnQuantizer(cfg.bits, reserve_outliers=cfg.reserve_outliers, kmeans_init=cfg.kmeans_init,
                                   seed=seed)
-        keep = None if masks is None else masks.get(name)
-        if keep is not None and not bool(keep.any()):
-            keep = None
+        keep = _mask_of(masks, name)
         return gptq_quantize(weight, hessian, q, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                              act_order=cfg.effective_act_order, keep_mask=keep).weight
     return quantize

@@ -28,6 +28,7 @@ Memory holds one decoder layer on the device plus the activations of the calibra
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from dataclasses import dataclass, field
@@ -390,22 +391,18 @@ class _CachedLlamaLayer:
     def _set_batch(self, b: int) -> None:
         self.batch = b
 
+    @contextlib.contextmanager
     def _patched(self, attention: bool, mlp: bool):
-        layer_self = self
-
-        class _Patch:
-            def __enter__(self):
-                if attention:
-                    layer_self.attn.forward = layer_self._replay_attention
-                if mlp:
-                    layer_self.mlp.forward = layer_self._replay_mlp
-
-            def __exit__(self, *exc):
-                layer_self.attn.__dict__.pop("forward", None)
-                layer_self.mlp.__dict__.pop("forward", None)
-                return False
-
-        return _Patch()
+        """The attention (and the MLP) replayed from the kept inputs while the block runs."""
+        if attention:
+            self.attn.forward = self._replay_attention
+        if mlp:
+            self.mlp.forward = self._replay_mlp
+        try:
+            yield
+        finally:
+            self.attn.__dict__.pop("forward", None)
+            self.mlp.__dict__.pop("forward", None)
 
     def _disable(self, what: str) -> None:
         import warnings
@@ -430,13 +427,9 @@ class _CachedLlamaLayer:
         keep = {LLAMA_SEQUENTIAL_GROUPS[1]: "self_attn.o_proj", LLAMA_SEQUENTIAL_GROUPS[3]: "mlp.down_proj"}.get(first)
         if keep == "mlp.down_proj" and not replay:
             keep = None
-        if replay:
-            with self._patched(attention=True, mlp=False):
-                out = _collect_hessians(self.layer, self.modules, group, inputs, kwargs_list, self.device,
-                                        keep_input=keep, before_batch=self._set_batch)
-        else:
+        with self._patched(attention=True, mlp=False) if replay else contextlib.nullcontext():
             out = _collect_hessians(self.layer, self.modules, group, inputs, kwargs_list, self.device,
-                                    keep_input=keep)
+                                    keep_input=keep, before_batch=self._set_batch if replay else None)
         kept = out.pop("__inputs__", None)
         if keep == "self_attn.o_proj":
             self.attn_in = kept
