@@ -19,13 +19,13 @@
 //   3     0x4800  8 + q      7-8 from q2, 9 from q1          8: rows (t, t+8) of a 16-row word
 //   4     0x4C00  16 + q     6-9                             4: rows (t, t+4) of an 8-row word
 //
-// The kernel centres that half2 with one HADD2 (subtracting 2^b + c, c = (2^b - 1) / 2, so the
-// values are q - c in [-c, c], exact in fp16), multiplies it by (x[t], x[t+8]) with one HFMA2
-// into an fp16x2 partial sum, flushed to fp32 every 32 rows, and removes the centre once per
-// column at the end: sum (q - z) x = sum (q - c) x - (z - c) sum x, with the sums of x computed
-// once per call. (Without the centring, the offset 2^b + q makes the fp16 partial sums 2-3e-3
-// relative error at K = 4096 instead of 5-7e-4: docs/cuda.md.) For 3 bits the 1-bit word is first "spread" with one PRMT (spread_q1) so that rows t and
-// t+8 also sit 16 bits apart.
+// That uncentred pair 2^b + q serves bf16 x at M = 1: multiplied by (x[t], x[t+8]) with one HFMA2
+// into an fp16x2 partial sum, flushed to fp32 every 32 rows, the offset removed once per column at
+// the end with the sums of x. Its offset makes the fp16 partial sums 2-3e-3 relative error at
+// K = 4096, so fp16 x takes the centred decode below (q - c, one LOP3 + one HFMA2 per pair, read
+// in place without the per-pair shift; 5-7e-4): sum (q - z) x = sum (q - c) x - (z - c) sum x.
+// For 3 bits the 1-bit word is first "spread" with one PRMT (spread_q1) so that rows t and t+8
+// also sit 16 bits apart.
 
 #pragma once
 
@@ -42,12 +42,10 @@ namespace tacq {
 // Shift left by s >= 0, logically right by -s; s is a compile-time constant in the kernel.
 TACQ_HD uint32_t shift(uint32_t w, int s) { return s >= 0 ? (w << s) : (w >> -s); }
 
-// fp16 bit pattern of 2^bits (the magic number, also the offset removed at the end).
+// The uncentred decode (bf16 x at M = 1): fp16 bit pattern of 2^bits (the magic number, also the
+// offset removed at the end).
 TACQ_HD constexpr uint32_t magic_half(int bits) { return bits == 2 ? 0x4400u : bits == 3 ? 0x4800u : 0x4C00u; }
 TACQ_HD constexpr float magic_value(int bits) { return bits == 2 ? 4.0f : bits == 3 ? 8.0f : 16.0f; }
-// The centre c = (2^b - 1) / 2 of the codes, and what the kernel subtracts from a decoded pair.
-TACQ_HD constexpr float center_value(int bits) { return bits == 2 ? 1.5f : bits == 3 ? 3.5f : 7.5f; }
-TACQ_HD constexpr float centered_offset(int bits) { return magic_value(bits) + center_value(bits); }
 
 // K rows one plane word of the low plane (q2 or q4) covers, and fp16 pairs decoded from it.
 TACQ_HD constexpr int rows_per_word(int bits) { return bits == 4 ? 8 : 16; }
@@ -90,6 +88,68 @@ TACQ_HD uint32_t pair3(uint32_t w2, uint32_t u1, int t) {
   return and_or(shift(u1, 9 - t), 0x02000200u, and_or(shift(w2, 7 - 2 * t), 0x01800180u, 0x48004800u));
 }
 
+// ---------------------------------------------------------------------------------------------
+// The centred decode (fp16 x; the kernel's accurate path). Instead of shifting every code to the
+// top of the mantissa and subtracting the offset (SHF + LOP3 + HADD2 per pair), each code is
+// read where it lies, with a larger magic number, and one HFMA2 both rescales and centres it:
+//
+//   raw = lop3(src & mask | 0x6400)        = fp16 (1024 + q 2^p), q at bits [p, p + width) of
+//                                            each half of src (p + width <= 10: in the mantissa)
+//   out = hfma2(raw, 2^-p, -(1024 2^-p + c)) = q - c, exactly
+//
+// Exact because the product and sum are formed exactly and rounded once (fused), the result
+// q - c is an fp16 number, and so are both constants: 2^-p, and 1024 2^-p + c, which needs
+// p >= 2 for c = 1.5 (2 bits: 257.5 has an fp16 spacing of 0.25) and c = 7.5 (4 bits). Pairs
+// of a 2-bit word at bits 2t (t < 4) are read from w << 2, the rest from w >> 6 (p = 2..8,
+// two SHF per word instead of seven); 4 bits likewise with t < 2.
+//
+// 3 bits: q = q2 + 4 q1 from two raws, raw2 (the 2-bit word; t < 5 from w, t >= 5 from w >> 10,
+// p2 = 2t mod 10) and raw1 = 1024 + q1 2^t (the spread 1-bit word, bit t of each half), merged
+// by two HFMA2:
+//   e   = hfma2(raw1, 4 2^-t, -(4096 2^-t + c + 1024 2^-p2))  = 4 q1 - c - 1024 2^-p2
+//   out = hfma2(raw2, 2^-p2, e)                                = q2 + 4 q1 - c
+// Every constant and e are fp16 numbers for c = 4 (not 3.5: 4096 + 3.5 + 1024 at t = 0 has an
+// fp16 spacing of 4), so the 3-bit centre is 4 (values -4..3). tests/test_cuda_ext.py checks
+// every constant for exactness in fp16 and every decoded value against the codes.
+// ---------------------------------------------------------------------------------------------
+
+// The magic number of the centred decode: fp16 1024, whose mantissa step is 1.
+constexpr uint32_t kMagic1024 = 0x64006400u;
+
+// The centre c the centred kernel subtracts (its pairs hold q - c); removed at the end with the
+// sums of x: sum (q - z) x = sum (q - c) x - (z - c) sum x.
+TACQ_HD constexpr float decode_center(int bits) { return bits == 2 ? 1.5f : bits == 3 ? 4.0f : 7.5f; }
+
+// 2^-p, 0 <= p < 24 (exact; a loop here would survive into the kernel's SASS unfolded).
+TACQ_HD constexpr float pow2_neg(int p) { return 1.0f / (float)(1u << p); }
+
+// Pair t of a low-plane word (q2 or q4) is read from source word 0 (lo_src0) or 1 (lo_src1).
+TACQ_HD constexpr int lo_source(int bits, int t) { return bits == 2 ? t >= 4 : bits == 4 ? t >= 2 : t >= 5; }
+TACQ_HD uint32_t lo_src0(int bits, uint32_t w) { return bits == 3 ? w : w << 2; }
+TACQ_HD uint32_t lo_src1(int bits, uint32_t w) { return bits == 3 ? w >> 10 : w >> 6; }
+// Bit p of each half of the source word where pair t's low-plane code starts.
+TACQ_HD constexpr int lo_pos(int bits, int t) {
+  return bits == 2 ? 2 * (t & 3) + 2 : bits == 4 ? 4 * (t & 1) + 2 : 2 * (t < 5 ? t : t - 5);
+}
+TACQ_HD constexpr uint32_t lo_mask(int bits, int t) { return ((bits == 4 ? 15u : 3u) << lo_pos(bits, t)) * 0x10001u; }
+// raw = 1024 + q 2^p in each half (q the low-plane code of pair t, from its source word).
+TACQ_HD uint32_t lo_raw(int bits, uint32_t src, int t) { return and_or(src, lo_mask(bits, t), kMagic1024); }
+// The HFMA2 constants of the low-plane code: scale 2^-p; offset -(1024 2^-p + c) (2, 4 bits).
+TACQ_HD constexpr float lo_scale(int bits, int t) { return pow2_neg(lo_pos(bits, t)); }
+TACQ_HD constexpr float lo_offset(int bits, int t) { return -(1024.0f * lo_scale(bits, t) + decode_center(bits)); }
+// 3 bits: raw1 = 1024 + q1 2^t from the spread 1-bit word, and its HFMA2 constants.
+TACQ_HD uint32_t q1_raw(uint32_t u1, int t) { return and_or(u1, 0x10001u << t, kMagic1024); }
+TACQ_HD constexpr float q1_scale(int t) { return 4.0f * pow2_neg(t); }
+TACQ_HD constexpr float q1_offset(int t) { return -(4096.0f * pow2_neg(t) + decode_center(3) + 1024.0f * lo_scale(3, t)); }
+
+
+// half2 bits of the scale the kernel keeps in a register for pair t (the other constant of that
+// HFMA2 is its immediate): the low-plane scale 2^-p for 2 and 4 bits, the q1 scale 4 2^-t for 3.
+// Both are powers of two, so the fp16 pattern is the biased exponent alone.
+TACQ_HD constexpr int log2_of_reg_scale(int bits, int t) { return bits == 3 ? 2 - t : -lo_pos(bits, t); }
+TACQ_HD constexpr uint32_t reg_scale_bits(int bits, int t) {
+  return (uint32_t)((15 + log2_of_reg_scale(bits, t)) << 10) * 0x10001u;
+}
 // Position (0..31) of K row `row` (0..31) of a 32-row chunk in the kernel's x order: pair j of
 // word w is (x[w*R + j], x[w*R + j + S]) (R rows per word, S the pair stride), stored as the
 // halves 2j and 2j+1 of that word's R halves. xprep_row is its inverse: the row at position i.

@@ -7,8 +7,8 @@
 //             and x in fp32, original order, for the CSR part.
 //   segment   per segment: block (column tile of 128, K split s) streams its chunks of plane
 //             words, 4 columns per thread (one 128-bit load per plane word row), decodes two
-//             codes per SHF+LOP3 into fp16 pairs 2^b + q, centres them (HADD2: q - c) and
-//             multiplies with one HFMA2 per pair,
+//             codes per LOP3 + HFMA2 into the fp16 pair q - c (centred; bf16 x at M = 1: SHF +
+//             LOP3 into 2^b + q) and multiplies with one HFMA2 per pair,
 //             flushes the fp16x2 sums to fp32 once per 32-row chunk, applies scale and zero per
 //             group (or once at the end for one group per row), adds its share of the CSR
 //             entries, reduces its 4 warps in shared memory and adds to the fp32 output.
@@ -33,6 +33,17 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kCols = 4;  // consecutive output columns per thread: one uint4 per plane word row
 
 enum Mode { kOneGroup = 0, kGrouped = 1, kGeneric = 2 };
+
+// half2 bits of the centred decode's register scales (tacq_decode.cuh), read once before the
+// chunk loop: written as immediates, ptxas rebuilt them inside the loop on every iteration (MOV +
+// PRMT, 0.03-0.1 instructions per weight). Row b - 2: 2 and 4 bits, the low-plane scales 2^-p
+// (their HFMA2 takes the offset as its immediate); 3 bits, the q1 scales 4 2^-t (the low-plane
+// scale is the immediate there, the HFMA2's addend being a register).
+#define TACQ_SCALES(b) \
+  { reg_scale_bits(b, 0), reg_scale_bits(b, 1), reg_scale_bits(b, 2), reg_scale_bits(b, 3), \
+    reg_scale_bits(b, 4), reg_scale_bits(b, 5), reg_scale_bits(b, 6), reg_scale_bits(b, 7) }
+__constant__ uint32_t kDecodeScale[3][8] = {TACQ_SCALES(2), TACQ_SCALES(3), TACQ_SCALES(4)};
+#undef TACQ_SCALES
 
 struct PrepSegs {
   int n;
@@ -86,16 +97,16 @@ __global__ void __launch_bounds__(32) prep_kernel(const T* __restrict__ x, int64
   if (i == 0) xsum[(int64_t)r * chunks_total + c] = f;
 }
 
-// CENTRED: subtract 2^b + c from each decoded pair (HADD2) before the HFMA2; fp16 partial sums
-// then stay small (5-7e-4 relative error at K = 4096). Uncentred (pairs 2^b + q, the offset
-// removed with the sums of x at the end) saves the HADD2 but its error is 2.4-3.4e-3: launched
-// only for bf16 x at M = 1, where bf16's own rounding (3.9e-3) is larger.
+// CENTRED: the pairs are q - c (tacq_decode.cuh, the centred decode); fp16 partial sums then stay
+// small (5-7e-4 relative error at K = 4096). Uncentred (pairs 2^b + q, the offset removed with the
+// sums of x at the end) is 0.06-0.3 instructions per weight cheaper but its error is 2.4-3.4e-3:
+// launched only for bf16 x at M = 1, where bf16's own rounding (3.9e-3) is larger.
 template <int BITS, int MODE, int MT, bool CENTRED>
 __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(GemvArgs a, Segment s, int with_sparse) {
   constexpr int WORDS = BITS == 4 ? 4 : 2;         // low-plane word rows per 32-row chunk
   constexpr int R = rows_per_word(BITS);           // K rows per word
   constexpr int P = pairs_per_word(BITS);          // fp16 pairs per word
-  constexpr float CEN = CENTRED ? center_value(BITS) : -magic_value(BITS);  // offset left in the pairs: -CEN
+  constexpr float CEN = CENTRED ? decode_center(BITS) : -magic_value(BITS);  // the pairs hold q - CEN
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int N = a.n;
   const int n0 = blockIdx.x * kBlockN + lane * kCols;
@@ -117,13 +128,20 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(GemvArgs a, Segment s
     for (int j = 0; j < kCols; ++j) acc[m][j] = 0.0f;
   }
 
+  uint32_t dscale[P];  // the register scales of the centred decode (kDecodeScale)
+#pragma unroll
+  for (int t = 0; t < P; ++t) dscale[t] = CENTRED ? kDecodeScale[BITS - 2][t] : 0u;
+
   if (live) {
     // Pointers bumped once per chunk (no 64-bit address arithmetic per load in the loop).
     const int c_first = c_begin + warp;
     const int64_t lo_step = (int64_t)WORDS * N / 4, hi_step = (int64_t)kWarps * N / 4;  // in uint4
     const uint4* plo = reinterpret_cast<const uint4*>(s.q_lo + (int64_t)c_first * WORDS * N + n0);
     const uint4* phi = reinterpret_cast<const uint4*>((BITS == 3 ? s.q_hi : s.q_lo) + (int64_t)c_first * N + n0);
-    for (int c = c_first; c < c_end; c += kWarps, plo += kWarps * lo_step, phi += hi_step) {
+    const uint4* px = reinterpret_cast<const uint4*>(xp + (int64_t)c_first * 32);  // 4 uint4 per chunk
+    const float* pxs = xsum + c_first;
+    for (int c = c_first; c < c_end;
+         c += kWarps, plo += kWarps * lo_step, phi += hi_step, px += 4 * kWarps, pxs += kWarps) {
       uint4 w[WORDS];
 #pragma unroll
       for (int i = 0; i < WORDS; ++i)
@@ -139,23 +157,33 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(GemvArgs a, Segment s
           for (int j = 0; j < kCols; ++j) h[m][j] = __float2half2_rn(0.0f);
 #pragma unroll
         for (int wi = 0; wi < WORDS; ++wi) {
-          uint32_t d[P][kCols];  // decoded pairs (2^b + q[t], 2^b + q[t + stride]) as half2 bits
+          __half2 dc[P][kCols];  // centred: q - c (docs/cuda.md); uncentred: 2^b + q. Shared by the M rows.
 #pragma unroll
           for (int j = 0; j < kCols; ++j) {
             const uint32_t lo = lane_of(w[wi], j);
             const uint32_t u1 = BITS == 3 ? spread_q1(lane_of(hw, j), wi) : 0u;
+            if constexpr (CENTRED) {  // one LOP3 + one HFMA2 per pair (3 bits: two of each)
+              const uint32_t src[2] = {lo_src0(BITS, lo), lo_src1(BITS, lo)};
 #pragma unroll
-            for (int t = 0; t < P; ++t) d[t][j] = BITS == 2 ? pair2(lo, t) : BITS == 3 ? pair3(lo, u1, t) : pair4(lo, t);
+              for (int t = 0; t < P; ++t) {
+                const __half2 raw = as_half2(lo_raw(BITS, src[lo_source(BITS, t)], t));
+                if constexpr (BITS == 3) {
+                  const __half2 e = __hfma2(as_half2(q1_raw(u1, t)), as_half2(dscale[t]),
+                                            __float2half2_rn(q1_offset(t)));
+                  dc[t][j] = __hfma2(raw, __float2half2_rn(lo_scale(BITS, t)), e);
+                } else {
+                  dc[t][j] = __hfma2(raw, as_half2(dscale[t]), __float2half2_rn(lo_offset(BITS, t)));
+                }
+              }
+            } else {
+#pragma unroll
+              for (int t = 0; t < P; ++t)
+                dc[t][j] = as_half2(BITS == 2 ? pair2(lo, t) : BITS == 3 ? pair3(lo, u1, t) : pair4(lo, t));
+            }
           }
-          const __half2 off = __float2half2_rn(centered_offset(BITS));
-          __half2 dc[P][kCols];  // q - c if CENTRED (one HADD2 per pair, shared by the M rows)
-#pragma unroll
-          for (int t = 0; t < P; ++t)
-#pragma unroll
-            for (int j = 0; j < kCols; ++j) dc[t][j] = CENTRED ? __hsub2(as_half2(d[t][j]), off) : as_half2(d[t][j]);
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            const uint4* xq = reinterpret_cast<const uint4*>(xp + m * xstride + c * 32 + wi * R);
+            const uint4* xq = px + m * (xstride / 8) + wi * (R / 8);
             uint4 xv[R / 8];
 #pragma unroll
             for (int i = 0; i < R / 8; ++i) xv[i] = __ldg(xq + i);
@@ -171,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(GemvArgs a, Segment s
         if (MODE == kOneGroup) {
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            xs[m] += __ldg(xsum + m * a.chunks_total + c);
+            xs[m] += __ldg(pxs + m * a.chunks_total);
 #pragma unroll
             for (int j = 0; j < kCols; ++j) acc[m][j] += __low2float(h[m][j]) + __high2float(h[m][j]);
           }
@@ -189,7 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemv_kernel(GemvArgs a, Segment s
           }
 #pragma unroll
           for (int m = 0; m < MT; ++m) {
-            const float xc = __ldg(xsum + m * a.chunks_total + c);
+            const float xc = __ldg(pxs + m * a.chunks_total);
 #pragma unroll
             for (int j = 0; j < kCols; ++j)
               acc[m][j] = fmaf(-szm[j], xc, fmaf(sc[j], __low2float(h[m][j]) + __high2float(h[m][j]), acc[m][j]));

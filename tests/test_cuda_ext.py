@@ -60,6 +60,7 @@ def test_decode_functions_match_the_packing_on_random_codes(lib, bits):
     planes = pack_codes(codes, bits)
     lo_plane = planes["q4" if bits == 4 else "q2"]
     magic = 2.0**bits
+    center = lib.tacq_decode_center(bits)
     words = 4 if bits == 4 else 2
     per_word = 32 // words
     out = (ctypes.c_float * 16)()
@@ -69,14 +70,53 @@ def test_decode_functions_match_the_packing_on_random_codes(lib, bits):
             for wi in range(words):
                 lo = _u32(lo_plane[c * words + wi, n])[0]
                 rows = codes[n, c * 32 + wi * per_word : c * 32 + (wi + 1) * per_word].tolist()
-                # the fast path: fp16 pairs 2^b + q
-                lib.tacq_decode_word(bits, lo, lib.tacq_spread_q1(hi, wi) if bits == 3 else 0, out)
+                u1 = lib.tacq_spread_q1(hi, wi) if bits == 3 else 0
+                # the uncentred fast path: fp16 pairs 2^b + q
+                lib.tacq_decode_word(bits, lo, u1, out)
                 assert [out[i] - magic for i in range(per_word)] == rows
+                # the centred fast path: q - c
+                lib.tacq_decode_word_centred(bits, lo, u1, out)
+                assert [out[i] + center for i in range(per_word)] == rows
                 # the generic path: one code at a time
                 assert [lib.tacq_code_at(bits, lo, hi, wi * per_word + r) for r in range(per_word)] == rows
     # unpack_plane agrees on the plane itself (the reference's reading of the same words)
     assert torch.equal(unpack_plane(lo_plane, 4 if bits == 4 else 2, 96).t() | (
         (unpack_plane(planes["q1"], 1, 96).t() << 2) if bits == 3 else 0), codes)
+
+
+def _is_half(v: float) -> bool:
+    return float(np.float16(v)) == v
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_centred_decode_constants_are_exact_in_fp16(lib, bits):
+    """The centred decode is exact on the GPU if every HFMA2 operand and result is an fp16 number
+    (a fused multiply-add then rounds nothing): the raws 1024 + q 2^p, both constants of each
+    HFMA2 and, for 3 bits, the intermediate e = 4 q1 - c - 1024 2^-p2. The register scale that
+    the kernel reads from kDecodeScale (reg_scale_bits) is the constant the decode uses."""
+    out = (ctypes.c_float * 7)()
+    pairs = 4 if bits == 4 else 8
+    width = 4 if bits == 4 else 2
+    for t in range(pairs):
+        lib.tacq_decode_constants(bits, t, out)
+        lo_scale, lo_offset, q1_scale, q1_offset, reg, p, c = list(out)
+        assert p + width <= 10  # the code lies in the mantissa
+        assert lo_scale == 2.0 ** -p and c == lib.tacq_decode_center(bits)
+        assert reg == (q1_scale if bits == 3 else lo_scale)
+        for v in (lo_scale, lo_offset, q1_scale, q1_offset):
+            assert _is_half(v), (bits, t, v)
+        for q in range(2**width):
+            raw = 1024.0 + q * 2.0**p
+            assert _is_half(raw)
+            if bits != 3:
+                assert raw * lo_scale + lo_offset == q - c
+                continue
+            for q1 in (0, 1):
+                e = (1024.0 + q1 * 2.0**t) * q1_scale + q1_offset
+                assert _is_half(e) and e == 4 * q1 - c - 1024.0 * lo_scale
+                assert raw * lo_scale + e == q + 4 * q1 - c
+    # the 3-bit centre is an integer: with 3.5 the first constant (4096 + 3.5 + 1024) is no fp16 number
+    assert not _is_half(4096 + 3.5 + 1024)
 
 
 def test_spread_and_half_conversion(lib):
@@ -121,8 +161,8 @@ def test_host_gemv_matches_the_reference(bits, decoder, group, perm, outliers):
 
 def _fp16x2_emulation(layer, x: np.ndarray, centred: bool = True) -> np.ndarray:
     """The kernel's one-group-per-row fast path for one segment, in numpy: the decoded pair
-    2^b + q centred (exact), products and sums in fp16 (one rounding per HFMA2, in the kernel's
-    order), flushed to fp32 every 32-row chunk."""
+    q - c (centred, exact; c = tacq_decode_center) or 2^b + q, products and sums in fp16 (one
+    rounding per HFMA2, in the kernel's order), flushed to fp32 every 32-row chunk."""
     seg = layer.spec.segments[0]
     bits, k, n = seg.bits, seg.k, layer.spec.out_features
     t = layer.segment_tensors(0)
@@ -132,8 +172,8 @@ def _fp16x2_emulation(layer, x: np.ndarray, centred: bool = True) -> np.ndarray:
     q[:, :k] = codes
     xh = np.zeros(kp, np.float64)
     xh[:k] = x.astype(np.float16)
-    off = 2.0**bits + (2**bits - 1) / 2 if centred else 0.0  # what the HADD2 subtracts (none: 2^b + q)
-    cen = off - 2.0**bits
+    cen = cuda_ext.host_library().tacq_decode_center(bits) if centred else -(2.0**bits)  # pairs hold q - cen
+    off = 2.0**bits + cen
     words, per_word, stride = (4, 8, 4) if bits == 4 else (2, 16, 8)
     chunks = kp // 32
     acc = np.zeros(n, np.float32)
@@ -166,7 +206,7 @@ def test_fp16x2_partial_sums_error_is_within_the_fp16_tolerance(bits):
         err[centred] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     print(f"fp16x2 partial sums, {bits}-bit, K={k}: relative error {err[True]:.2e} (uncentred {err[False]:.2e})")
     assert 1e-6 < err[True] < 1e-3  # fp16 rounding is visible, and stays under the tolerance
-    assert err[False] > 2 * err[True]  # why the kernel spends a HADD2 per pair on centring
+    assert err[False] > 2 * err[True]  # why fp16 x takes the centred decode
     assert err[False] < 5e-3  # the uncentred kernel, for bf16 x at M = 1 (bf16 tolerance 1e-2)
 
 
@@ -202,9 +242,9 @@ def test_kernels_compile_for_every_arch_without_spills(cubins, arch):
 @needs_nvcc
 def test_sass_count_meets_the_targets_on_sm90(cubins):
     """Targets: <= 2 instructions per weight at 2 bits and <= 3 at 3 bits, sm_90, M = 1, affine
-    per row, counted by the same report as the Triton path (tacq_kernels.kernels.sass). The
-    uncentred kernel (bf16 x at M = 1) meets them; the centred one (fp16 x, the accurate one)
-    pays one HADD2 per two weights more (docs/cuda.md)."""
+    per row, counted by the same report as the Triton path (tacq_kernels.kernels.sass), met by
+    both kernels: the centred one (fp16 x, the accurate one: one LOP3 + one HFMA2 per pair of
+    codes, two of each at 3 bits) and the uncentred one (bf16 x at M = 1; docs/cuda.md)."""
     from tacq_kernels.kernels.sass import disassemble
 
     import json
@@ -224,12 +264,13 @@ def test_sass_count_meets_the_targets_on_sm90(cubins):
             # (bits/8 B), 32 fp16 x values (64 B) and one fp32 chunk sum per 128 weights.
             loaded = sum(v for src, v in c.load_bytes.items())
             assert loaded == pytest.approx(bits / 8 + (64 + 4) / 128)
-            # one HFMA2 per two weights, and one HADD2 more when centred
-            assert c.classes.get("HFMA2", 0) == pytest.approx(1.0 if centred else 0.5, abs=0.01)
-        extra = 0.5 + 0.05 if centred else 0.0
-        assert counts[2].per_weight <= 2.0 + extra
-        assert counts[3].per_weight <= 3.0 + extra
-        assert counts[4].per_weight <= 2.0 + extra
+            # one HFMA2 per two weights for the product; centred, one more for the decode (two at 3 bits)
+            hfma2 = (1.5 if bits == 3 else 1.0) if centred else 0.5
+            assert c.classes.get("HFMA2", 0) == pytest.approx(hfma2, abs=0.01)
+            assert c.classes.get("LOP3", 0) == pytest.approx(1.0 if bits == 3 else 0.5, abs=0.01)
+        assert counts[2].per_weight <= 2.0
+        assert counts[3].per_weight <= 3.0
+        assert counts[4].per_weight <= 2.0 + (0.1 if centred else 0.0)
         # the committed report (python -m tacq_kernels.cuda_ext) is the current kernel's
         for bits, c in counts.items():
             rec = next(r for r in committed["records"] if (r["arch"], r["bits"], r["decoder"], r["group"], r["M"],
