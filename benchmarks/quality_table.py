@@ -21,7 +21,7 @@ ORDER = ["unquantized",
          "rtn2", "gptq2", "tacq2", "gptq2_piqa", "tacq2_piqa", "claq2", "claq2.1", "claq2.2", "claq2.1_or",
          "rtn3", "gptq3", "tacq3", "gptq3_piqa", "tacq3_piqa", "claq3", "claq3.1", "claq3.1_or",
          "tacq2_magnitude", "tacq2_msg", "tacq2_qal", "gptq2_g128", "gptq3_g128",
-         "tacqclaq2", "tacqclaq2_piqa", "tacqclaq3", "tacqclaq3_piqa"]
+         "tacqclaq2", "tacqclaq2_piqa", "tacqclaq3", "tacqclaq3_piqa", "tacqclaq3_n64", "tacqclaq3_n32"]
 
 
 def load(path):
@@ -52,6 +52,8 @@ def label(name: str, q: dict | None) -> str:
         extra.append(f"g{a['group_size']}")
     if a.get("saliency", "tacq") != "tacq":
         extra.append(f"score={a['saliency']}")
+    if a.get("nsamples", 128) != 128 or a.get("seqlen", 256) != 256:
+        extra.append(f"calib {a['nsamples']}x{a['seqlen']}")
     return f"{m} {bits}" + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|all]   (default: all; chains can run in parallel;
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|all]   (default: all; chains can run in parallel;
 #                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
@@ -34,9 +34,9 @@ log() { echo "[$(date '+%F %T')] $*" | tee -a "$RESULTS/run.log"; }
 quantize() {
   local name=$1; shift
   if [[ -f "$RESULTS/$name.quantize.json" ]]; then log "skip quantize $name"; return; fi
-  log "quantize $name: $TACQ quantize $* $COMMON --out $RUNS/$name"
+  log "quantize $name: $TACQ quantize $COMMON $* --out $RUNS/$name"
   local t0=$(date +%s)
-  $TACQ quantize "$@" $COMMON --out "$RUNS/$name" > "$RESULTS/$name.quantize.log" 2>&1
+  $TACQ quantize $COMMON "$@" --out "$RUNS/$name" > "$RESULTS/$name.quantize.log" 2>&1
   log "done $name in $(( $(date +%s) - t0 )) s wall"
   cp "$RUNS/$name/quantize_report.json" "$RESULTS/$name.quantize.json"
   cp "$RUNS/$name/quantize_summary.txt" "$RESULTS/$name.summary.txt"
@@ -102,6 +102,16 @@ chain_tacqclaq() {
       --grad-cache "$RUNS/grad_$c.safetensors";                                   evaluate "tacqclaq2$sfx"
 }
 
+# Calibration count against quantization time (issue 15): the 3-bit TACQ-over-CLAQ row with fewer
+# windows of the same length (a later --nsamples overrides COMMON's), each with its own gradients.
+chain_calib() {
+  local n
+  for n in 64 32; do
+    quantize "tacqclaq3_n$n" --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$WIKI" \
+        --nsamples "$n" --grad-cache "$RUNS/grad_wiki_n$n.safetensors";            evaluate "tacqclaq3_n$n"
+  done
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
@@ -110,7 +120,8 @@ case "${1:-all}" in
   groups) chain_groups ;;
   tacqclaq) chain_tacqclaq wiki ;;
   tacqclaq_piqa) chain_tacqclaq piqa ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa ;;
+  calib) chain_calib ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib ;;
   *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
