@@ -142,7 +142,6 @@ TACQ_HD uint32_t q1_raw(uint32_t u1, int t) { return and_or(u1, 0x10001u << t, k
 TACQ_HD constexpr float q1_scale(int t) { return 4.0f * pow2_neg(t); }
 TACQ_HD constexpr float q1_offset(int t) { return -(4096.0f * pow2_neg(t) + decode_center(3) + 1024.0f * lo_scale(3, t)); }
 
-
 // half2 bits of the scale the kernel keeps in a register for pair t (the other constant of that
 // HFMA2 is its immediate): the low-plane scale 2^-p for 2 and 4 bits, the q1 scale 4 2^-t for 3.
 // Both are powers of two, so the fp16 pattern is the biased exponent alone.
@@ -150,6 +149,7 @@ TACQ_HD constexpr int log2_of_reg_scale(int bits, int t) { return bits == 3 ? 2 
 TACQ_HD constexpr uint32_t reg_scale_bits(int bits, int t) {
   return (uint32_t)((15 + log2_of_reg_scale(bits, t)) << 10) * 0x10001u;
 }
+
 // Position (0..31) of K row `row` (0..31) of a 32-row chunk in the kernel's x order: pair j of
 // word w is (x[w*R + j], x[w*R + j + S]) (R rows per word, S the pair stride), stored as the
 // halves 2j and 2j+1 of that word's R halves. xprep_row is its inverse: the row at position i.

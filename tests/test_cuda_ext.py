@@ -173,7 +173,6 @@ def _fp16x2_emulation(layer, x: np.ndarray, centred: bool = True) -> np.ndarray:
     xh = np.zeros(kp, np.float64)
     xh[:k] = x.astype(np.float16)
     cen = cuda_ext.host_library().tacq_decode_center(bits) if centred else -(2.0**bits)  # pairs hold q - cen
-    off = 2.0**bits + cen
     words, per_word, stride = (4, 8, 4) if bits == 4 else (2, 16, 8)
     chunks = kp // 32
     acc = np.zeros(n, np.float32)
@@ -183,9 +182,9 @@ def _fp16x2_emulation(layer, x: np.ndarray, centred: bool = True) -> np.ndarray:
         for wi in range(words):
             for tt in range(per_word // 2):
                 r = c * 32 + wi * per_word + tt
-                h_lo = ((2.0**bits + q[:, r] - off) * xh[r] + h_lo.astype(np.float64)).astype(np.float16)
+                h_lo = ((q[:, r] - cen) * xh[r] + h_lo.astype(np.float64)).astype(np.float16)
                 r2 = r + stride
-                h_hi = ((2.0**bits + q[:, r2] - off) * xh[r2] + h_hi.astype(np.float64)).astype(np.float16)
+                h_hi = ((q[:, r2] - cen) * xh[r2] + h_hi.astype(np.float64)).astype(np.float16)
         acc += h_lo.astype(np.float32) + h_hi.astype(np.float32)
     xs = np.float32(xh.sum())
     scale = t["scale"].float().numpy()[0]
