@@ -239,11 +239,11 @@ def test_kmeans_fast_path_is_bit_identical_to_the_torch_reference(n, monkeypatch
     g = torch.Generator().manual_seed(1000 + n)
     for ci, x in enumerate(_columns(g, n)):
         for k in (4, 8, 16):
-            for init in ("kmeans++", "quantile"):
+            for init, tol in (("kmeans++", 0.0), ("kmeans++", 1e-4), ("quantile", 0.0), ("quantile", 1e-3)):
                 seed = 97 * n + 13 * ci + k
                 g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-                c1, it1 = kmeans_1d(x, k, init=init, generator=g1)
-                c2, it2 = _kmeans_1d_torch(x, k, init=init, generator=g2)
+                c1, it1 = kmeans_1d(x, k, init=init, tol=tol, generator=g1)
+                c2, it2 = _kmeans_1d_torch(x, k, init=init, tol=tol, generator=g2)
                 assert c1.dtype == torch.float32 and c1.shape == (k,)
                 assert torch.equal(c1.view(torch.int32), c2.view(torch.int32)), (n, ci, k, init)
                 assert it1 == it2
@@ -260,6 +260,22 @@ def test_kmeans_fast_path_is_bit_identical_to_the_torch_reference(n, monkeypatch
             assert torch.equal(c1.view(torch.int32), c2.view(torch.int32)) and it1 == it2
 
 
+def test_kmeans_tolerance_stops_early_near_the_fixed_point():
+    """tol > 0 (scikit-learn's rule, CLAQ's default 1e-4) runs fewer Lloyd iterations from the
+    same start and ends within a hair of the fixed point's squared error."""
+    g = torch.Generator().manual_seed(11)
+    fewer = 0
+    for _ in range(20):
+        x = torch.randn(1536, generator=g) * torch.rand(1536, generator=g) ** 2
+        c0, it0 = kmeans_1d(x, 8, generator=torch.Generator().manual_seed(0))
+        c1, it1 = kmeans_1d(x, 8, tol=1e-4, generator=torch.Generator().manual_seed(0))
+        assert 1 <= it1 <= it0
+        fewer += it1 < it0
+        sse0, sse1 = (float(((x - c[assign_nearest(x, c)]) ** 2).sum()) for c in (c0, c1))
+        assert sse1 <= sse0 * 1.01
+    assert fewer >= 10  # the fixed point usually takes a long tail of tiny moves
+
+
 def test_kmeans_inputs_routed_to_the_torch_path_still_match():
     """-0.0, non-finite values and float64 input take the torch implementation: same results."""
     from tacq_quant.kmeans import _kmeans_1d_torch
@@ -272,7 +288,7 @@ def test_kmeans_inputs_routed_to_the_torch_path_still_match():
         for init in ("kmeans++", "quantile"):
             if col is with_inf and init == "kmeans++":  # infinite D^2 weights: both raise
                 for f in (kmeans_1d, _kmeans_1d_torch):
-                    with pytest.raises(RuntimeError):
+                    with pytest.raises(ValueError, match="non-finite"):
                         f(col, 8, init=init, generator=torch.Generator().manual_seed(3))
                 continue
             g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)

@@ -6,7 +6,9 @@ The rules, as the authors' code (fayuge/CLAQ, claq.py and quant.py) does them:
 
 * **Codebook.** Inside the loop, column j's *current* (error-compensated) values get their own
   ``2^b`` centroids from 1-D k-means (unweighted, all N values, outliers included); every weight
-  becomes its nearest centroid. Our k-means is :func:`tacq_quant.kmeans.kmeans_1d`.
+  becomes its nearest centroid. Our k-means is :func:`tacq_quant.kmeans.kmeans_1d` with
+  k-means++ initialisation, ``max_iter=300`` and scikit-learn's stopping rule at its default
+  ``tol=1e-4``, the settings of the authors' ``sklearn.cluster.KMeans`` call.
 * **Outlier order.** Before the loop, on the (act-order permuted) weight: ``m = mean |W|`` over
   the whole matrix, and ``count_j = #{i : |W_ij| >= 13 m}``. Columns are ranked by count,
   highest first (ties: earlier act-order column first; the authors' unstable sort leaves ties
@@ -49,6 +51,7 @@ OUTLIER_THRESHOLD = 13.0
 TOP_COLUMN_SHARE = 0.1
 RESERVE_TOP = 0.014
 RESERVE_REST = 0.004
+KMEANS_TOL = 1e-4  # scikit-learn's default, which the authors' KMeans call keeps
 
 
 def validate_claq_bits(bits: float) -> None:
@@ -105,12 +108,13 @@ class KMeansColumnQuantizer:
     group_size = None
 
     def __init__(self, bits: float, reserve_outliers: bool = False, kmeans_init: str = "kmeans++",
-                 max_iter: int = 300, seed: int = 0):
+                 max_iter: int = 300, seed: int = 0, tol: float = KMEANS_TOL):
         validate_claq_bits(bits)
         self.target_bits = bits
         self.reserve_outliers = reserve_outliers
         self.kmeans_init = kmeans_init
         self.max_iter = max_iter
+        self.tol = tol
         self.seed = seed
 
     def prepare(self, w: torch.Tensor, keep: torch.Tensor | None) -> None:
@@ -138,7 +142,8 @@ class KMeansColumnQuantizer:
             free = ~self.keep[:, col]
             if bool(free.any()) and not bool(free.all()):
                 fit = w[free]  # kept weights are stored exactly: no centroid is spent on them
-        c, iters = kmeans_1d(fit, 2**bits, init=self.kmeans_init, max_iter=self.max_iter, generator=self.generator)
+        c, iters = kmeans_1d(fit, 2**bits, init=self.kmeans_init, max_iter=self.max_iter, tol=self.tol,
+                              generator=self.generator)
         self.iterations += iters
         c = torch.sort(c.to(torch.float16).to(torch.float32)).values  # the codebook as stored (fp16)
         code = assign_nearest(w, c)

@@ -12,25 +12,29 @@ Each iteration is O(k log n) after an O(n log n) sort, and the result is exactly
 Lloyd iterations give from the same initial centroids (``tests/test_quant_claq.py`` checks this
 against a point-by-point loop). A point exactly on a midpoint goes to the lower centroid (the
 nearest-centroid rule with ties to the lower index), in both the iterations and
-:func:`assign_nearest`. The iterations stop when no point changes cluster (a fixed point), or
-after ``max_iter``. Empty clusters keep their previous centroid.
+:func:`assign_nearest`. The iterations stop when no point changes cluster (a fixed point), after
+``max_iter``, or, with ``tol > 0``, as scikit-learn's ``KMeans`` (which CLAQ's authors call, with
+its default ``tol=1e-4``) stops: when the squared centroid shift of an iteration is at most ``tol``
+times the variance of the values. Empty clusters keep their previous centroid.
 
-Initialisation: ``"kmeans++"`` (D^2 sampling from a seeded generator, like scikit-learn's
-default that CLAQ's authors use) or ``"quantile"`` (centroid j starts at the ``(j + 1/2)/k``
-quantile: deterministic, no random numbers).
+Initialisation: ``"kmeans++"`` (D^2 sampling from a seeded generator: the first centre uniform,
+each later one drawn with probability proportional to its squared distance to the nearest centre
+so far, by inverse CDF: one uniform per centre) or ``"quantile"`` (centroid j starts at the
+``(j + 1/2)/k`` quantile: deterministic, no random numbers).
 
 Two implementations compute the same thing. CLAQ calls these functions once per weight column
 on columns of a few hundred to a few thousand values, where torch's per-operation overhead on
 tiny tensors dominates. So for CPU tensors the values are sorted in numpy and the Lloyd loop runs
 on Python floats (IEEE doubles: the same float64 operations in the same order, ``bisect`` for
-the search, a sequential prefix sum like torch's CPU ``cumsum``). The k-means++ draws still come
-from the same generator through the same torch calls: ``torch.randint``, and for each
-``torch.multinomial(p, 1)`` what ATen runs for it (``q = exponential_(1)`` of p's shape, then
-the first argmax of ``p / q``, taken here in numpy) on bit-identical probabilities (their
-normaliser summed by torch), so the draws and the generator's state afterwards are those of the
-torch path. Other devices, and the rare inputs where the two could differ at all (non-finite
-values; ``-0.0``, whose order among equal zeros no sort guarantees; float64 input), use the torch
-implementation ``_kmeans_1d_torch``. ``tests/test_quant_claq.py`` checks that both give the same
+the search, a sequential prefix sum like torch's CPU ``cumsum``). The k-means++ draws come from
+the same generator through the same torch calls (``torch.randint``, then one float64
+``torch.rand`` per centre) and are looked up in the same sequential prefix sums, so the centres
+and the generator's state afterwards are those of the torch path. (An earlier version drew
+through ``torch.multinomial``, whose exponential draw per point and centre cost CLAQ more time
+than the rest of k-means++; the distribution of the centres is the same.) Other devices, and
+the rare inputs where the two could differ at all (non-finite values; ``-0.0``, whose order among
+equal zeros no sort guarantees; float64 input), use the torch implementation
+``_kmeans_1d_torch``. ``tests/test_quant_claq.py`` checks that both give the same
 centroids bit for bit, the same iteration counts and the same generator state.
 """
 
@@ -52,11 +56,17 @@ def _kmeanspp_init(xs: torch.Tensor, k: int, generator: torch.Generator | None) 
     centers = [xs[first]]
     d2 = (xs - centers[0]) ** 2
     for _ in range(1, k):
-        total = d2.sum()
+        cum = torch.cumsum(d2, 0)
+        total = cum[-1]
+        if not bool(torch.isfinite(total)):
+            raise ValueError("k-means++ of a column with non-finite values (infinite D^2 weights)")
         if not bool(total > 0):  # fewer distinct values than clusters: repeat a centre
             centers.append(centers[-1])
             continue
-        idx = torch.multinomial(d2 / total, 1, generator=generator)
+        # D^2 sampling by inverse CDF: the first point whose cumulative weight exceeds u * total
+        # (a point of weight 0 never does before the point ahead of it)
+        u = torch.rand(1, dtype=torch.float64, generator=generator, device=xs.device)
+        idx = torch.searchsorted(cum, u * total, right=True).clamp_max(n - 1)
         c = xs[idx]
         centers.append(c)
         d2 = torch.minimum(d2, (xs - c) ** 2)
@@ -75,6 +85,7 @@ def _kmeans_1d_torch(
     *,
     init: str = "kmeans++",
     max_iter: int = 300,
+    tol: float = 0.0,
     generator: torch.Generator | None = None,
     init_centroids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
@@ -96,6 +107,7 @@ def _kmeans_1d_torch(
     prefix[1:] = torch.cumsum(xs, 0)
     zero = torch.zeros(1, dtype=torch.long, device=xs.device)
     last = torch.full((1,), n, dtype=torch.long, device=xs.device)
+    tol_scaled = tol * float(torch.cumsum((xs - prefix[n] / n) ** 2, 0)[-1]) / n if tol > 0 else 0.0
     bounds = None
     iters = 0
     for iters in range(1, max_iter + 1):
@@ -109,8 +121,11 @@ def _kmeans_1d_torch(
         ends = torch.cat([bounds, last])
         count = (ends - starts).to(torch.float64)
         sums = prefix[ends] - prefix[starts]
-        c = torch.where(count > 0, sums / count.clamp_min(1), c)
-        c = torch.sort(c).values  # only empty clusters can break the order
+        new_c = torch.where(count > 0, sums / count.clamp_min(1), c)
+        shift = float(torch.cumsum((new_c - c) ** 2, 0)[-1])
+        c = torch.sort(new_c).values  # only empty clusters can break the order
+        if tol > 0 and shift <= tol_scaled:
+            break
     return c.to(torch.float32), iters
 
 
@@ -119,30 +134,23 @@ def _has_negative_zero(a: np.ndarray) -> bool:
 
 
 def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None) -> np.ndarray:
-    """:func:`_kmeanspp_init` on numpy values: the same draws from ``generator``.
-
-    ``torch.multinomial(p, 1)`` is, in ATen (``multinomial_out``, the path for one sample), the
-    argmax (first on ties) of ``p / q`` with ``q = empty_like(p).exponential_(1, generator)``
-    after checks that draw nothing; here ``q`` is drawn the same way and the argmax taken in
-    numpy. The tests compare the draws and the generator state with the torch path.
-    """
+    """:func:`_kmeanspp_init` on numpy values: the same draws from ``generator`` (``torch.randint``
+    for the first centre, one ``torch.rand`` float64 per later one), the same sequential prefix
+    sums, so the same centres. The tests compare the centres and the generator state."""
     n = xs.size
     first = torch.randint(n, (1,), generator=generator)
     centers = [xs[int(first)]]
     d2 = (xs - centers[0]) ** 2
-    d2_t = torch.from_numpy(d2)  # shares d2's memory
-    q_t = torch.empty(n, dtype=torch.float64)
-    q = q_t.numpy()
+    cum = np.empty_like(xs)
     tmp = np.empty_like(xs)
     for i in range(1, k):
-        total = float(d2_t.sum())  # torch's summation order: the same probabilities d2 / total
+        np.cumsum(d2, out=cum)  # sequential, like torch's CPU cumsum: the same totals
+        total = float(cum[-1])
         if not total > 0:  # fewer distinct values than clusters: repeat a centre
             centers.append(centers[-1])
             continue
-        q_t.exponential_(1, generator=generator)
-        np.divide(d2, total, out=tmp)
-        np.divide(tmp, q, out=tmp)
-        c = xs[int(np.argmax(tmp))]
+        u = float(torch.rand(1, dtype=torch.float64, generator=generator))
+        c = xs[min(int(np.searchsorted(cum, u * total, side="right")), n - 1)]
         centers.append(c)
         if i == k - 1:
             break  # the distances to the last centre are never used
@@ -152,7 +160,7 @@ def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None)
     return np.array(centers, dtype=np.float64)
 
 
-def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndarray, int]:
+def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int, tol: float = 0.0) -> tuple[np.ndarray, int]:
     """The Lloyd loop of :func:`_kmeans_1d_torch` on the sorted values ``xs``, in Python floats
     (IEEE doubles: the same float64 operations in the same order). With k <= 16 centroids a
     scalar loop with ``bisect`` beats any sequence of numpy calls, whose overhead dominates."""
@@ -160,6 +168,11 @@ def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndar
     prefix = np.empty(n + 1, dtype=np.float64)
     prefix[0] = 0.0
     np.cumsum(xs, out=prefix[1:])  # sequential, like torch's CPU cumsum
+    tol_scaled = 0.0
+    if tol > 0:
+        dev = xs - prefix[n] / n
+        np.square(dev, out=dev)
+        tol_scaled = tol * float(np.cumsum(dev)[-1]) / n
     xl, s = xs.tolist(), prefix.tolist()
     c = sorted(c.tolist())
     bounds = None
@@ -171,6 +184,7 @@ def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndar
             iters -= 1  # this pass changed nothing: the previous one reached the fixed point
             break
         bounds = new_bounds
+        old = c[:]
         a = 0
         for j, b in enumerate(new_bounds):
             if b > a:  # empty clusters keep their centroid
@@ -178,7 +192,12 @@ def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int) -> tuple[np.ndar
             a = b
         if n > a:
             c[-1] = (s[n] - s[a]) / (n - a)
+        shift = 0.0
+        for new, prev in zip(c, old):
+            shift += (new - prev) ** 2
         c.sort()  # only empty clusters can break the order
+        if tol > 0 and shift <= tol_scaled:
+            break
     return np.array(c, dtype=np.float64), iters
 
 
@@ -188,15 +207,18 @@ def kmeans_1d(
     *,
     init: str = "kmeans++",
     max_iter: int = 300,
+    tol: float = 0.0,
     generator: torch.Generator | None = None,
     init_centroids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """k-means of the values of ``x`` (any shape, flattened). Returns (sorted centroids fp32 [k],
     number of Lloyd iterations run). Arithmetic is float64 internally.
 
-    ``init_centroids`` overrides ``init`` (used by the tests to compare with a naive loop).
+    ``tol``: 0 runs Lloyd to its fixed point; ``tol > 0`` stops as scikit-learn does (module
+    docstring). ``init_centroids`` overrides ``init`` (used by the tests to compare with a naive
+    loop).
     """
-    args = dict(init=init, max_iter=max_iter, generator=generator, init_centroids=init_centroids)
+    args = dict(init=init, max_iter=max_iter, tol=tol, generator=generator, init_centroids=init_centroids)
     no_centroids = k < 1 if init_centroids is None else init_centroids.numel() == 0
     if x.device.type != "cpu" or x.dtype not in _NUMPY_DTYPES or x.numel() == 0 or no_centroids:
         return _kmeans_1d_torch(x, k, **args)
@@ -218,7 +240,7 @@ def kmeans_1d(
         c = _kmeanspp_init_np(xs, k, generator)
     else:
         raise ValueError(f"unknown k-means init {init!r}")
-    c, iters = _lloyd_sorted(xs, c, max_iter)
+    c, iters = _lloyd_sorted(xs, c, max_iter, tol)
     return torch.from_numpy(c.astype(np.float32)), iters
 
 
