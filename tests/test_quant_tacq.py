@@ -200,3 +200,69 @@ def test_saliency_ablations():
 def test_unknown_saliency_is_refused_before_any_input_is_used():
     with pytest.raises(ValueError, match="unknown saliency 'bogus'"):
         saliency(torch.ones(2, 2), None, None, "bogus")
+
+
+def test_gradient_pass_hessians_are_those_of_the_unpadded_inputs():
+    """The Hessians collected in the gradient pass (right-padded batches) equal 2/n sum x x^T of
+    every linear's inputs on the unquantized model, one sample at a time; the forwards-only mode
+    (a gradient cache hit) gives the same Hessians."""
+    model = tiny_llama(seed=2)
+    samples = samples_of_mixed_lengths(3)
+    linears = target_linears(model)
+    seen = {n: [] for n in linears}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0].detach()[0]))
+               for n, m in linears.items()]
+    with torch.no_grad():
+        for s in samples:
+            model(input_ids=s[None])
+    for h in handles:
+        h.remove()
+    hessians, forwards_only = {}, {}
+    grads = accumulate_abs_gradients(model, samples, max_batch_tokens=64, device="cpu", progress=False,
+                                     hessians=hessians)
+    assert set(grads) == set(linears)
+    assert accumulate_abs_gradients(model, samples, max_batch_tokens=64, device="cpu", progress=False,
+                                    hessians=forwards_only, gradients=False) == {}
+    for n in linears:
+        x = torch.cat(seen[n])
+        assert x.shape[0] == sum(s.numel() for s in samples)  # padding is not counted
+        expect = 2 * x.t() @ x / x.shape[0]
+        torch.testing.assert_close(hessians[n], expect, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(forwards_only[n], expect, rtol=1e-4, atol=1e-6)
+
+
+def test_independent_qw_pass_is_the_same_with_one_or_two_workers_and_resumes(tmp_path):
+    """The Q(W) pass over fp Hessians: each matrix is what the quantizer gives for its Hessian,
+    whatever the number of processes, and a pass resumed from saved layers gives the same."""
+    from tacq_quant.parallel import quantize_independent
+    from tacq_quant.pipeline import _claq_weight_quantizer
+    from tacq_quant.progress import LayerStore
+
+    model = tiny_llama(seed=4)
+    samples = samples_of_mixed_lengths(5)
+    hessians = {}
+    accumulate_abs_gradients(model, samples, device="cpu", progress=False, hessians=hessians, gradients=False)
+    quantize = _claq_weight_quantizer(QuantizeConfig(method="claq", bits=2.5))
+    before = {n: m.weight.detach().clone() for n, m in target_linears(model).items()}
+    one, eff1 = quantize_independent(model, hessians, quantize, workers=1, progress=False)
+    two, eff2 = quantize_independent(model, hessians, quantize, workers=2, progress=False)
+    assert list(eff1) == list(before)
+    for n, w in before.items():
+        assert torch.equal(target_linears(model)[n].weight, w)  # the model is left unchanged
+        assert torch.equal(eff1[n], eff2[n])
+        assert torch.equal(eff1[n], quantize(n, w, hessians[n]).effective_weight())
+        assert not torch.equal(eff1[n], w)
+    assert [r.rel_error for r in one.reports] == [r.rel_error for r in two.reports]
+    store = LayerStore(str(tmp_path / "qw"), "qw")
+    quantize_independent(model, hessians, quantize, workers=2, progress=False, store=store)
+    assert store.completed() == len(model.model.layers)
+    calls = []
+
+    def counting(name, w, h):
+        calls.append(name)
+        return quantize(name, w, h)
+
+    again, eff3 = quantize_independent(model, hessians, counting, workers=1, progress=False, store=store)
+    assert calls == [] and all(torch.equal(eff1[n], eff3[n]) for n in before)
+    with pytest.raises(ValueError, match="no Hessian for"):
+        quantize_independent(model, {}, quantize, workers=1, progress=False)

@@ -162,7 +162,10 @@ def estimate_memory(model, cfg, nsamples: int, seqlen: int, device: torch.device
     TACQ: the |gradient| sums, Q(W), the original weights and the scores (4 bytes per quantized
     weight each; at most three at once) and the gradient pass's autograd activations for one
     batch of up to 2,048 tokens (per layer and token 12 x hidden + 4 x intermediate floats, plus
-    three copies of the logits) with the model in fp32 on the device.
+    three copies of the logits) with the model in fp32 on the device. With ``qw_hessians="fp"``
+    the Hessians of all layers are held from the gradient pass to the end of the Q(W) pass, beside
+    a CPU copy of the weights and Q(W), and each of up to two worker processes has one matrix's
+    GPTQ work copies.
     """
     conf = model.config
     hidden = int(getattr(conf, "hidden_size", 0) or 0)
@@ -185,6 +188,10 @@ def estimate_memory(model, cfg, nsamples: int, seqlen: int, device: torch.device
         grad_acts = len(layers) * tokens * (12 * hidden + 4 * inter) * 4 + 3 * tokens * vocab * 4 + 2 * batch * biggest * 4
         grad_phase = 4 * n_weights + grad_acts
         qw_phase = 8 * n_weights + seq_pass
+        if cfg.qw_hessians == "fp" and cfg.saliency in ("tacq", "qal") and not cfg.corrupt_from:
+            all_hess = 4 * len(layers) * sum(k * k for k in ks)
+            grad_phase += all_hess
+            qw_phase = 12 * n_weights + all_hess + 2 * 4 * 4 * max(ks) ** 2
         select_phase = 12 * n_weights + 16 * biggest
         host = max(grad_phase, qw_phase, select_phase, n_weights + seq_pass)
         dev = max(dev, grad_phase + (model_bytes if device.type != "cpu" else 0))

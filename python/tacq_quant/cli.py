@@ -171,6 +171,12 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kmeans-init", default="kmeans++", choices=("kmeans++", "quantile"))
     p.add_argument("--grad-cache", help="TACQ: safetensors file to reuse the |gradient| sums from/to")
     p.add_argument("--corrupt-from", help="TACQ: take Q(W) from this GPTQ checkpoint (same bits and data)")
+    p.add_argument("--qw-hessians", choices=("fp", "sequential"), default="fp",
+                   help="TACQ: Hessians of the Q(W) pass: fp (default) = of the unquantized model, collected in "
+                        "the gradient pass, every matrix quantized on its own, in parallel processes; sequential "
+                        "= a full layer-by-layer pass as in the authors' code (docs/quantizer.md)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="TACQ with --qw-hessians fp: processes for the Q(W) pass (default: up to 2, one per core)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
@@ -251,6 +257,7 @@ def _run_quantize(args) -> int:
         act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
+        qw_hessians=args.qw_hessians, workers=args.workers,
     )
     cfg.validate()
     if args.method != "tacq" and (args.grad_cache or args.corrupt_from or args.saliency != "tacq"):

@@ -26,6 +26,7 @@ from tacq_kernels import PackedLayer
 from .claq import KMeansColumnQuantizer, validate_claq_bits
 from .data import CalibrationData
 from .gptq import AffineColumnQuantizer, gptq_quantize
+from .parallel import quantize_independent
 from .quantized_weight import QuantizedWeight
 from .rtn import rtn_quantize
 from .sequential import LayerReport, quantize_sequential, summarize
@@ -33,6 +34,7 @@ from .tacq import SALIENCY_KINDS, cached_abs_gradients, keep_count, saliency, se
 
 METHODS = ("rtn", "gptq", "tacq", "claq")
 TACQ_BASES = ("gptq", "claq")
+QW_HESSIANS = ("fp", "sequential")
 DEFAULT_OUTLIER_FRAC = 0.0035
 
 
@@ -59,6 +61,8 @@ class QuantizeConfig:
     grad_max_batch_tokens: int = 2048
     grad_cache: str | None = None  # TACQ: reuse |gradients| across runs (depends on model + data only)
     corrupt_from: str | None = None  # TACQ: take Q(W) from this GPTQ checkpoint instead of a GPTQ pass
+    qw_hessians: str = "fp"  # TACQ: Q(W)'s Hessians from the unquantized model ("fp") or a sequential pass
+    workers: int | None = None  # TACQ, qw_hessians="fp": processes for the Q(W) pass (None: up to 2)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -97,6 +101,10 @@ class QuantizeConfig:
             raise ConfigError("--saliency magnitude uses no gradients; drop --grad-cache")
         if self.kmeans_init not in ("kmeans++", "quantile"):
             raise ConfigError(f"--kmeans-init must be kmeans++ or quantile, got {self.kmeans_init!r}")
+        if self.qw_hessians not in QW_HESSIANS:
+            raise ConfigError(f"--qw-hessians must be one of {', '.join(QW_HESSIANS)}, got {self.qw_hessians!r}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
 
     @property
     def uses_kmeans(self) -> bool:
@@ -113,6 +121,9 @@ class QuantizeConfig:
         d.pop("grad_cache")
         d.pop("corrupt_from")
         d.pop("grad_max_batch_tokens")
+        d.pop("workers")  # the result does not depend on it
+        if self.method != "tacq" or self.saliency in ("msg", "magnitude") or self.corrupt_from:
+            d.pop("qw_hessians")  # no Q(W) pass
         if self.method != "tacq":
             d.pop("outlier_frac")
             d.pop("saliency")
@@ -272,6 +283,8 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
     # (1) sum over samples of |per-sample gradient| on the unquantized model
     t0 = time.perf_counter()
     grads = {n: None for n in names}
+    qw_pass = cfg.saliency in ("tacq", "qal") and not cfg.corrupt_from
+    fp_hessians = {} if qw_pass and cfg.qw_hessians == "fp" else None
     if cfg.saliency != "magnitude":
         samples = calib.gradient_samples()
         cache = cfg.grad_cache or (work.gradient_path() if work is not None else None)
@@ -283,7 +296,7 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
 
         grads, ginfo = cached_abs_gradients(model, samples, cache, device=run["device"],
                                             progress=run["progress"], max_batch_tokens=cfg.grad_max_batch_tokens,
-                                            on_batch=on_batch)
+                                            on_batch=on_batch, hessians=fp_hessians)
         checkpoint("the gradient pass (saved)")
         stages["gradient_seconds"] = time.perf_counter() - t0
         stages["gradient_cache"] = ginfo.get("cache")
@@ -299,6 +312,13 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
         log(f"TACQ: Q(W) from the GPTQ checkpoint {cfg.corrupt_from}")
         corrupt = _load_corrupt_weights(cfg.corrupt_from, cfg, calib, names)
         stages["corrupt_from"] = cfg.corrupt_from
+    elif fp_hessians is not None:
+        log(f"TACQ: {cfg.base.upper()} of every matrix on its own for Q(W), Hessians of the unquantized model")
+        qres, corrupt = quantize_independent(model, fp_hessians, _base_weight_quantizer(cfg), workers=cfg.workers,
+                                             device=run["device"], progress=run["progress"],
+                                             store=stores.get("qw") if stores else None)
+        del fp_hessians
+        stages["corrupt_quantize_seconds"] = sum(r.seconds for r in qres.reports)
     else:
         log(f"TACQ: plain {cfg.base.upper()} pass for Q(W)")
         original = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}

@@ -36,6 +36,7 @@ import time
 import torch
 from torch import nn
 
+from .gptq import HessianAccumulator
 from .sequential import find_decoder_layers, linear_names
 
 
@@ -69,11 +70,16 @@ def accumulate_abs_gradients(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_batch=None,
+    hessians: dict | None = None,
+    gradients: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``G[name] = sum_s |dL_s/dW|`` (fp32, on the CPU) for every decoder linear of ``model``.
 
     ``on_batch(i)`` is called after batch ``i`` (the CLI stops there on Ctrl-C; nothing is returned
-    or saved then).
+    or saved then). ``hessians``: a dict that receives, for every decoder linear, the Hessian
+    ``2/n sum x x^T`` of its inputs on the unquantized model over the samples' real (not padded)
+    tokens, accumulated in the same forwards. ``gradients=False`` runs the forwards only (no
+    backward; returns an empty dict), for the Hessians alone.
 
     ``samples`` are 1-D token-id tensors (any lengths, each at least 2 tokens). The model runs in
     fp32 on ``device``; its parameters are left as they were (requires_grad restored). A batch
@@ -92,11 +98,25 @@ def accumulate_abs_gradients(
     model.to(device=device, dtype=torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
-    grads = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=device) for n, m in linears.items()}
+    grads = {n: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=device)
+             for n, m in linears.items()} if gradients else {}
+    accs = {} if hessians is None else {n: HessianAccumulator(m.in_features, device) for n, m in linears.items()}
+    valid_rows: list[torch.Tensor] = []  # the current batch's real-token positions, flattened
+    xtx_cache: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def fwd_hook(name):
         def hook(module, args, output):
             x = args[0].detach()
+            if accs:
+                # q/k/v (and gate/up) read the same tensor: its x^T x once per batch (the entry
+                # holds x, so no later tensor of the batch can reuse its address)
+                key = (x.data_ptr(), tuple(x.shape), x._version)
+                if key not in xtx_cache:
+                    x2 = x.reshape(-1, x.shape[-1])[valid_rows[0]].to(torch.float32)
+                    xtx_cache[key] = (x2.t() @ x2, x2.shape[0], x)
+                accs[name].add_xtx(*xtx_cache[key][:2])
+            if not gradients:
+                return
 
             def on_grad(g):
                 # per-sample dL_s/dW = dy_s^T x_s ; |.| per sample, then summed over the batch
@@ -107,7 +127,7 @@ def accumulate_abs_gradients(
         return hook
 
     embed = model.get_input_embeddings()
-    embed_hook = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    embed_hook = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True) if gradients else None)
     handles = [m.register_forward_hook(fwd_hook(n)) for n, m in linears.items()]
     # Sort by length so that padding is small; the sum does not depend on the order.
     order = sorted(range(len(samples)), key=lambda i: samples[i].numel())
@@ -119,7 +139,8 @@ def accumulate_abs_gradients(
         current.append(i)
     batches.append(current)
     pad_id = 0
-    bar = tqdm(total=len(samples), desc="gradients", unit="sample", disable=not progress, dynamic_ncols=True)
+    desc = "gradients" if gradients else "fp Hessians"
+    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     was_training = model.training
     model.eval()
     try:
@@ -127,6 +148,15 @@ def accumulate_abs_gradients(
             batch = [samples[i] for i in batch_idx]
             ids, mask = _pad_batch(batch, pad_id)
             ids, mask = ids.to(device), mask.to(device)
+            valid_rows[:] = [mask.reshape(-1).bool()]
+            xtx_cache.clear()
+            if not gradients:
+                with torch.no_grad():  # the decoder alone: no lm_head, no loss
+                    getattr(model, "base_model", model)(input_ids=ids, attention_mask=mask, use_cache=False)
+                bar.update(len(batch))
+                if on_batch is not None:
+                    on_batch(bi)
+                continue
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = ids[:, 1:]
@@ -148,6 +178,8 @@ def accumulate_abs_gradients(
             p.requires_grad_(requires[n])
         model.to(device=orig_device, dtype=orig_dtype)
         model.train(was_training)
+    if hessians is not None:
+        hessians.update({n: acc.hessian().cpu() for n, acc in accs.items()})
     return {n: g.cpu() for n, g in grads.items()}
 
 
@@ -256,6 +288,8 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
                 meta = f.metadata() or {}
             if meta.get("fingerprint") == fp:
                 info["cache"] = "hit"
+                if kwargs.get("hessians") is not None:  # the Hessians are not cached: forwards only
+                    accumulate_abs_gradients(model, samples, **kwargs, gradients=False)
                 return load_file(cache_path), info
             info["cache"] = "stale"
         except Exception:  # unreadable cache: recompute
