@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|all]   (default: all; chains can run in parallel;
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|all]   (default: all; chains can run in parallel;
 #                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
@@ -112,6 +112,16 @@ chain_calib() {
   done
 }
 
+# The faster Q(W) pass (issue 15: Hessians of the unquantized model from the gradient pass, every matrix on its
+# own in 2 processes; --qw-hessians fp, the default since then) against the tacqclaq rows' sequential Q(W) pass,
+# at the same settings; fresh gradients, so that the time is the whole recipe's.
+chain_qwfp() {
+  quantize tacqclaq3_qwfp --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$WIKI" \
+      --qw-hessians fp --grad-cache "$RUNS/grad_wiki_qwfp.safetensors";            evaluate tacqclaq3_qwfp
+  quantize tacqclaq2_qwfp --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$WIKI" \
+      --qw-hessians fp --grad-cache "$RUNS/grad_wiki_qwfp.safetensors";            evaluate tacqclaq2_qwfp
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
@@ -121,7 +131,8 @@ case "${1:-all}" in
   tacqclaq) chain_tacqclaq wiki ;;
   tacqclaq_piqa) chain_tacqclaq piqa ;;
   calib) chain_calib ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib ;;
-  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|all]" >&2; exit 2 ;;
+  qwfp) chain_qwfp ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp ;;
+  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
