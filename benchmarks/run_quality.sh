@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|all]   (default: all; chains can run in parallel;
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|all]   (default: all; chains can run in parallel;
 #                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
@@ -122,6 +122,18 @@ chain_qwfp() {
       --qw-hessians fp --grad-cache "$RUNS/grad_wiki_qwfp.safetensors";            evaluate tacqclaq2_qwfp
 }
 
+# Levers on top of the qwfp rows (same gradients, from the qwfp rows' cache): the authors' sequential Q(W) pass
+# at the same code (does the fp-Hessian Q(W) change the result?), and k-means weighted by G^2 (--codebook-weights).
+chain_levers() {
+  local grad=(--grad-cache "$RUNS/grad_wiki_qwfp.safetensors")
+  quantize tacqclaq3_g2 --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$WIKI" \
+      --codebook-weights g2 "${grad[@]}";                                          evaluate tacqclaq3_g2
+  quantize tacqclaq3_qwseq --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$WIKI" \
+      --qw-hessians sequential "${grad[@]}";                                       evaluate tacqclaq3_qwseq
+  quantize tacqclaq2_g2 --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$WIKI" \
+      --codebook-weights g2 "${grad[@]}";                                          evaluate tacqclaq2_g2
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
@@ -132,7 +144,8 @@ case "${1:-all}" in
   tacqclaq_piqa) chain_tacqclaq piqa ;;
   calib) chain_calib ;;
   qwfp) chain_qwfp ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp ;;
-  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|all]" >&2; exit 2 ;;
+  levers) chain_levers ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers ;;
+  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"

@@ -305,3 +305,32 @@ def test_kmeans_on_cuda_uses_the_torch_path():
     assert c.device.type == "cuda" and c.shape == (8,) and bool((c[1:] >= c[:-1]).all()) and iters > 0
     code = assign_nearest(x, c)
     assert code.device.type == "cuda" and torch.equal(code, (x[:, None] - c[None, :]).abs().argmin(dim=1))
+
+
+@pytest.mark.parametrize("n", [5, 576, 1536])
+def test_weighted_kmeans_paths_agree_and_weights_mean_repetition(n):
+    """sample_weight: the numpy path equals the torch reference bit for bit (centroids, iterations,
+    generator state); weights of 1 give the unweighted result; integer weights from a given start
+    give what repeating each point that many times gives; weight 0 removes a point."""
+    from tacq_quant.kmeans import _kmeans_1d_torch
+
+    g = torch.Generator().manual_seed(77 + n)
+    for x in _columns(g, n):
+        w = torch.rand(n, generator=g) ** 2
+        w[torch.rand(n, generator=g) < 0.1] = 0.0
+        for k, tol in ((4, 0.0), (8, 1e-4), (16, 0.0)):
+            g1, g2 = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
+            c1, it1 = kmeans_1d(x, k, tol=tol, generator=g1, sample_weight=w)
+            c2, it2 = _kmeans_1d_torch(x, k, tol=tol, generator=g2, sample_weight=w)
+            assert torch.equal(c1.view(torch.int32), c2.view(torch.int32)) and it1 == it2
+            assert torch.equal(g1.get_state(), g2.get_state())
+            ones, plain = (kmeans_1d(x, k, tol=tol, generator=torch.Generator().manual_seed(k), sample_weight=sw)
+                           for sw in (torch.ones(n), None))
+            assert torch.equal(ones[0], plain[0]) and ones[1] == plain[1]
+        reps = torch.randint(0, 4, (n,), generator=g)
+        if int((reps > 0).sum()) < 4:
+            continue
+        start = torch.quantile(x[reps > 0], torch.tensor([0.1, 0.4, 0.6, 0.9]))
+        cw, _ = kmeans_1d(x, 4, init_centroids=start, sample_weight=reps.float())
+        cr, _ = kmeans_1d(torch.repeat_interleave(x, reps), 4, init_centroids=start)
+        torch.testing.assert_close(cw, cr, rtol=1e-6, atol=1e-7)

@@ -169,6 +169,64 @@ def test_claq_codebook_fit_ignores_kept_weights():
     assert float(luts[True].abs().max()) < 0.2  # none did once they are kept
 
 
+def test_weighted_codebooks_follow_the_importance_and_skip_kept_weights():
+    """importance (per-weight k-means weights, original column order, permuted with act-order): a
+    column whose heavy rows sit apart gets a centroid on them only when weighted; each column's
+    codebook is the weighted k-means of its non-kept current values (checked on the first column
+    in act-order, whose values no error has changed yet)."""
+    from tacq_quant.claq import KMeansColumnQuantizer
+    from tacq_quant.gptq import gptq_quantize
+    from tacq_quant.kmeans import kmeans_1d
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 96, 6
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[:6] += 0.15  # a small group of rows apart from the rest
+    imp = torch.full((n, k), 1e-3)
+    imp[:6] = 10.0  # ... that matter most
+    keep = torch.zeros(n, k, dtype=torch.bool)
+    keep[10:13] = True
+    x = torch.randn(512, k, generator=g) * torch.linspace(0.5, 2.0, k)  # act-order = reversed columns
+    h = x.t() @ x
+    luts = {}
+    for weighted in (False, True):
+        res = gptq_quantize(w, h, KMeansColumnQuantizer(2, seed=1), act_order=True, keep_mask=keep,
+                            importance=imp if weighted else None)
+        luts[weighted] = res.weight.segments[0].lut
+        first = int(res.weight.perm[0])
+        assert first == k - 1
+        free = ~keep[:, first]
+        c, _ = kmeans_1d(w[free, first], 4, generator=torch.Generator().manual_seed(1),
+                         sample_weight=imp[free, first] if weighted else None)
+        torch.testing.assert_close(luts[weighted][0], c.half().float().sort().values, rtol=0, atol=0)
+    near = lambda lut: (lut - w[:6].mean()).abs().min(dim=1).values  # noqa: E731
+    assert bool((near(luts[True]) < 0.01).all())
+    assert float((near(luts[True]) - near(luts[False])).mean()) < 0
+
+
+def test_codebook_weights_option_is_recorded_and_changes_the_codebooks():
+    """--codebook-weights g2 reaches every matrix's k-means (in both passes) and the checkpoint's
+    method_args; it is refused where there are no gradients or no k-means."""
+    model = tiny_llama(seed=2)
+    out = {}
+    for cw in ("none", "g2"):
+        m = tiny_llama(seed=2)
+        out[cw] = quantize_model(m, calib_windows(), QuantizeConfig("tacq", 2, outlier_frac=0.01, base="claq",
+                                                                    codebook_weights=cw),
+                                 progress=False, log=lambda *_: None)
+    assert "codebook_weights" not in out["none"].method_args
+    assert out["g2"].method_args["codebook_weights"] == "g2"
+    from tacq_kernels.reference import dequantize
+
+    changed = [n for n in out["none"].packed
+               if not torch.equal(dequantize(out["none"].packed[n]), dequantize(out["g2"].packed[n]))]
+    assert len(changed) == len(target_linears(model))  # every matrix's codebooks moved
+    with pytest.raises(ValueError, match="needs --method tacq --base claq"):
+        QuantizeConfig("tacq", 3, base="gptq", codebook_weights="g").validate()
+    with pytest.raises(ValueError, match="must be one of"):
+        QuantizeConfig("tacq", 3, base="claq", codebook_weights="fisher").validate()
+
+
 def test_gradient_cache_roundtrip(tmp_path):
     model = tiny_llama(seed=3)
     samples = samples_of_mixed_lengths(1)

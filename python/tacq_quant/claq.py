@@ -117,8 +117,16 @@ class KMeansColumnQuantizer:
         self.tol = tol
         self.seed = seed
 
-    def prepare(self, w: torch.Tensor, keep: torch.Tensor | None) -> None:
+    def prepare(self, w: torch.Tensor, keep: torch.Tensor | None, importance: torch.Tensor | None = None) -> None:
+        """``importance`` (fp32 [N, K] >= 0, in ``w``'s column order): weights of the k-means
+        fits (column j's codebook minimises sum_i importance_ij (w_ij - c)^2); None: unweighted."""
         n, k = w.shape
+        if importance is not None:
+            if importance.shape != w.shape:
+                raise ValueError(f"importance must be {tuple(w.shape)}, got {tuple(importance.shape)}")
+            if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+                raise ValueError("k-means importance weights must be finite and >= 0")
+        self.importance = None if importance is None else importance.to(device=w.device, dtype=torch.float32)
         counts = outlier_counts(w, keep=keep)
         self.keep = keep if keep is not None and bool(keep.any()) else None
         self.col_bits = allocate_bits(counts, self.target_bits).cpu()
@@ -138,12 +146,16 @@ class KMeansColumnQuantizer:
     def quantize_column(self, col: int, w: torch.Tensor):
         bits = self.col_bits_list[col]
         fit = w
+        sw = None if self.importance is None else self.importance[:, col]
         if self.keep is not None:
             free = ~self.keep[:, col]
             if bool(free.any()) and not bool(free.all()):
                 fit = w[free]  # kept weights are stored exactly: no centroid is spent on them
+                sw = None if sw is None else sw[free]
+        if sw is not None and not bool(sw.sum() > 0):
+            sw = None  # no weight anywhere: the unweighted fit
         c, iters = kmeans_1d(fit, 2**bits, init=self.kmeans_init, max_iter=self.max_iter, tol=self.tol,
-                              generator=self.generator)
+                              generator=self.generator, sample_weight=sw)
         self.iterations += iters
         c = torch.sort(c.to(torch.float16).to(torch.float32)).values  # the codebook as stored (fp16)
         code = assign_nearest(w, c)

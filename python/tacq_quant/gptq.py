@@ -174,10 +174,13 @@ def gptq_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     keep_mask: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` [N, K] with GPTQ. ``hessian`` [K, K] from :class:`HessianAccumulator`.
 
-    ``keep_mask`` (bool [N, K], original column order) marks weights kept in 16 bits. Returns the
+    ``keep_mask`` (bool [N, K], original column order) marks weights kept in 16 bits.
+    ``importance`` (fp32 [N, K], original column order): per-weight weights for a quantizer that
+    fits with them (CLAQ's weighted k-means), handed to its ``prepare``. Returns the
     codes and decoders (:class:`QuantizedWeight`, with the storage permutation and the kept
     weights at their GPTQ-updated values) and the loop's dequantized weight.
     """
@@ -199,7 +202,11 @@ def gptq_quantize(
     hinv, damp_used = inverse_hessian_factor(h, percdamp)
     del h
 
-    quantizer.prepare(w, keep)
+    if importance is None:
+        quantizer.prepare(w, keep)
+    else:
+        imp = importance.to(device=w.device, dtype=torch.float32)
+        quantizer.prepare(w, keep, importance=imp if perm is None else imp[:, perm])
     q_all = torch.zeros_like(w)
     kept_all = torch.zeros(n, k, dtype=torch.bool, device=w.device)
     for i1 in range(0, k, blocksize):

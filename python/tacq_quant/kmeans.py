@@ -50,13 +50,14 @@ import torch
 _NUMPY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _kmeanspp_init(xs: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+def _kmeanspp_init(xs: torch.Tensor, k: int, generator: torch.Generator | None,
+                   ws: torch.Tensor | None = None) -> torch.Tensor:
     n = xs.numel()
     first = torch.randint(n, (1,), generator=generator, device=xs.device)
     centers = [xs[first]]
     d2 = (xs - centers[0]) ** 2
     for _ in range(1, k):
-        cum = torch.cumsum(d2, 0)
+        cum = torch.cumsum(d2 if ws is None else d2 * ws, 0)
         total = cum[-1]
         if not bool(torch.isfinite(total)):
             raise ValueError("k-means++ of a column with non-finite values (infinite D^2 weights)")
@@ -88,9 +89,15 @@ def _kmeans_1d_torch(
     tol: float = 0.0,
     generator: torch.Generator | None = None,
     init_centroids: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """:func:`kmeans_1d` in torch operations on ``x``'s device: the reference implementation."""
-    xs = torch.sort(x.reshape(-1).to(torch.float64)).values
+    ws = None
+    if sample_weight is None:
+        xs = torch.sort(x.reshape(-1).to(torch.float64)).values
+    else:  # a stable sort: equal values keep their weights in the same order as the numpy path
+        xs, order = torch.sort(x.reshape(-1).to(torch.float64), stable=True)
+        ws = sample_weight.reshape(-1).to(device=xs.device, dtype=torch.float64)[order]
     n = xs.numel()
     if n == 0:
         raise ValueError("k-means of an empty column")
@@ -99,12 +106,17 @@ def _kmeans_1d_torch(
     elif init == "quantile":
         c = _quantile_init(xs, k)
     elif init == "kmeans++":
-        c = _kmeanspp_init(xs, k, generator)
+        c = _kmeanspp_init(xs, k, generator, ws)
     else:
         raise ValueError(f"unknown k-means init {init!r}")
     c = torch.sort(c).values
     prefix = torch.zeros(n + 1, dtype=torch.float64, device=xs.device)
     prefix[1:] = torch.cumsum(xs, 0)
+    if ws is not None:  # the update step's weighted sums: sum w x and sum w over each run
+        wx_prefix = torch.zeros(n + 1, dtype=torch.float64, device=xs.device)
+        wx_prefix[1:] = torch.cumsum(ws * xs, 0)
+        w_prefix = torch.zeros(n + 1, dtype=torch.float64, device=xs.device)
+        w_prefix[1:] = torch.cumsum(ws, 0)
     zero = torch.zeros(1, dtype=torch.long, device=xs.device)
     last = torch.full((1,), n, dtype=torch.long, device=xs.device)
     tol_scaled = tol * float(torch.cumsum((xs - prefix[n] / n) ** 2, 0)[-1]) / n if tol > 0 else 0.0
@@ -119,9 +131,13 @@ def _kmeans_1d_torch(
         bounds = new_bounds
         starts = torch.cat([zero, bounds])
         ends = torch.cat([bounds, last])
-        count = (ends - starts).to(torch.float64)
-        sums = prefix[ends] - prefix[starts]
-        new_c = torch.where(count > 0, sums / count.clamp_min(1), c)
+        if ws is None:
+            count = (ends - starts).to(torch.float64)
+            sums = prefix[ends] - prefix[starts]
+        else:  # a run of weight 0 counts as empty
+            count = w_prefix[ends] - w_prefix[starts]
+            sums = wx_prefix[ends] - wx_prefix[starts]
+        new_c = torch.where(count > 0, sums / torch.where(count > 0, count, 1.0), c)
         shift = float(torch.cumsum((new_c - c) ** 2, 0)[-1])
         c = torch.sort(new_c).values  # only empty clusters can break the order
         if tol > 0 and shift <= tol_scaled:
@@ -133,7 +149,8 @@ def _has_negative_zero(a: np.ndarray) -> bool:
     return bool(np.any((a == 0) & np.signbit(a)))
 
 
-def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None) -> np.ndarray:
+def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None,
+                      ws: np.ndarray | None = None) -> np.ndarray:
     """:func:`_kmeanspp_init` on numpy values: the same draws from ``generator`` (``torch.randint``
     for the first centre, one ``torch.rand`` float64 per later one), the same sequential prefix
     sums, so the same centres. The tests compare the centres and the generator state."""
@@ -144,7 +161,11 @@ def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None)
     cum = np.empty_like(xs)
     tmp = np.empty_like(xs)
     for i in range(1, k):
-        np.cumsum(d2, out=cum)  # sequential, like torch's CPU cumsum: the same totals
+        if ws is None:
+            np.cumsum(d2, out=cum)  # sequential, like torch's CPU cumsum: the same totals
+        else:
+            np.multiply(d2, ws, out=cum)
+            np.cumsum(cum, out=cum)
         total = float(cum[-1])
         if not total > 0:  # fewer distinct values than clusters: repeat a centre
             centers.append(centers[-1])
@@ -160,20 +181,31 @@ def _kmeanspp_init_np(xs: np.ndarray, k: int, generator: torch.Generator | None)
     return np.array(centers, dtype=np.float64)
 
 
-def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int, tol: float = 0.0) -> tuple[np.ndarray, int]:
-    """The Lloyd loop of :func:`_kmeans_1d_torch` on the sorted values ``xs``, in Python floats
-    (IEEE doubles: the same float64 operations in the same order). With k <= 16 centroids a
-    scalar loop with ``bisect`` beats any sequence of numpy calls, whose overhead dominates."""
+def _prefix(v: np.ndarray) -> np.ndarray:
+    out = np.empty(v.size + 1, dtype=np.float64)
+    out[0] = 0.0
+    np.cumsum(v, out=out[1:])  # sequential, like torch's CPU cumsum
+    return out
+
+
+def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int, tol: float = 0.0,
+                  ws: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """The Lloyd loop of :func:`_kmeans_1d_torch` on the sorted values ``xs`` (with their weights
+    ``ws``), in Python floats (IEEE doubles: the same float64 operations in the same order). With
+    k <= 16 centroids a scalar loop with ``bisect`` beats any sequence of numpy calls, whose
+    overhead dominates."""
     n = xs.size
-    prefix = np.empty(n + 1, dtype=np.float64)
-    prefix[0] = 0.0
-    np.cumsum(xs, out=prefix[1:])  # sequential, like torch's CPU cumsum
+    prefix = _prefix(xs)
     tol_scaled = 0.0
     if tol > 0:
         dev = xs - prefix[n] / n
         np.square(dev, out=dev)
         tol_scaled = tol * float(np.cumsum(dev)[-1]) / n
-    xl, s = xs.tolist(), prefix.tolist()
+    xl = xs.tolist()
+    if ws is None:
+        s, cnt = prefix.tolist(), None
+    else:  # weighted means: sum w x over sum w of each run; a run of weight 0 counts as empty
+        s, cnt = _prefix(ws * xs).tolist(), _prefix(ws).tolist()
     c = sorted(c.tolist())
     bounds = None
     iters = 0
@@ -186,12 +218,19 @@ def _lloyd_sorted(xs: np.ndarray, c: np.ndarray, max_iter: int, tol: float = 0.0
         bounds = new_bounds
         old = c[:]
         a = 0
-        for j, b in enumerate(new_bounds):
-            if b > a:  # empty clusters keep their centroid
-                c[j] = (s[b] - s[a]) / (b - a)
-            a = b
-        if n > a:
-            c[-1] = (s[n] - s[a]) / (n - a)
+        if cnt is None:
+            for j, b in enumerate(new_bounds):
+                if b > a:  # empty clusters keep their centroid
+                    c[j] = (s[b] - s[a]) / (b - a)
+                a = b
+            if n > a:
+                c[-1] = (s[n] - s[a]) / (n - a)
+        else:
+            for j, b in enumerate(new_bounds + [n]):
+                wsum = cnt[b] - cnt[a]
+                if wsum > 0:
+                    c[j] = (s[b] - s[a]) / wsum
+                a = b
         shift = 0.0
         for new, prev in zip(c, old):
             shift += (new - prev) ** 2
@@ -210,21 +249,38 @@ def kmeans_1d(
     tol: float = 0.0,
     generator: torch.Generator | None = None,
     init_centroids: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """k-means of the values of ``x`` (any shape, flattened). Returns (sorted centroids fp32 [k],
     number of Lloyd iterations run). Arithmetic is float64 internally.
+
+    ``sample_weight`` (x's shape, >= 0): weighted k-means, as scikit-learn's ``sample_weight``:
+    each centroid is the weighted mean of its points and k-means++ draws with probability
+    proportional to weight x D^2; the assignment (nearest centroid) and ``tol``'s variance are
+    unweighted. A cluster whose points all have weight 0 keeps its centroid.
 
     ``tol``: 0 runs Lloyd to its fixed point; ``tol > 0`` stops as scikit-learn does (module
     docstring). ``init_centroids`` overrides ``init`` (used by the tests to compare with a naive
     loop).
     """
-    args = dict(init=init, max_iter=max_iter, tol=tol, generator=generator, init_centroids=init_centroids)
+    args = dict(init=init, max_iter=max_iter, tol=tol, generator=generator, init_centroids=init_centroids,
+                sample_weight=sample_weight)
     no_centroids = k < 1 if init_centroids is None else init_centroids.numel() == 0
     if x.device.type != "cpu" or x.dtype not in _NUMPY_DTYPES or x.numel() == 0 or no_centroids:
         return _kmeans_1d_torch(x, k, **args)
+    if sample_weight is not None and (sample_weight.device.type != "cpu" or sample_weight.numel() != x.numel()):
+        return _kmeans_1d_torch(x, k, **args)
     flat = x.detach().reshape(-1)
     xs = (flat if flat.dtype == torch.float32 else flat.to(torch.float32)).numpy().astype(np.float64)
-    xs.sort()  # NaNs last, so finite ends mean finite values
+    ws = None
+    if sample_weight is None:
+        xs.sort()  # NaNs last, so finite ends mean finite values
+    else:  # a stable sort, like the torch path's: equal values keep their weights in order
+        order = np.argsort(xs, kind="stable")
+        xs = xs[order]
+        ws = sample_weight.detach().reshape(-1).to(torch.float64).numpy()[order]
+        if not np.isfinite(ws).all():
+            return _kmeans_1d_torch(x, k, **args)
     lo = int(np.searchsorted(xs, 0.0, side="left"))
     if not (np.isfinite(xs[0]) and np.isfinite(xs[-1])) \
             or (lo < xs.size and xs[lo] == 0 and _has_negative_zero(xs[lo:np.searchsorted(xs, 0.0, side="right")])):
@@ -237,10 +293,10 @@ def kmeans_1d(
         n = xs.size
         c = xs[np.minimum(((np.arange(k, dtype=np.float64) + 0.5) * n / k).astype(np.int64), n - 1)]
     elif init == "kmeans++":
-        c = _kmeanspp_init_np(xs, k, generator)
+        c = _kmeanspp_init_np(xs, k, generator, ws)
     else:
         raise ValueError(f"unknown k-means init {init!r}")
-    c, iters = _lloyd_sorted(xs, c, max_iter, tol)
+    c, iters = _lloyd_sorted(xs, c, max_iter, tol, ws)
     return torch.from_numpy(c.astype(np.float32)), iters
 
 

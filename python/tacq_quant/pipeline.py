@@ -1,14 +1,17 @@
 """One entry point for every method: ``quantize_model(model, calibration, config)``.
 
 ``rtn`` and ``gptq`` are one sequential pass; ``claq`` is one pass with the k-means column
-quantizer; ``tacq`` is (1) the per-sample |gradient| pass on the unquantized model, (2) a plain
-pass of its *base* quantizer for Q(W) (or Q(W) read from a checkpoint of that base made with the
-same settings), (3) the global top-k selection and (4) the masked pass of the base quantizer. The
-base is GPTQ's affine grid (``base="gptq"``, the paper's TACQ) or CLAQ's per-column k-means
-codebooks (``base="claq"``: kept weights are left out of the codebook fit, see
-:mod:`tacq_quant.claq`; fractional bits give CLAQ's adaptive precision). Every pass goes through
-:func:`tacq_quant.sequential.quantize_sequential`, so all methods see the same calibration
-activations, report the same table and produce format-v1 layers.
+quantizer; ``tacq`` is (1) the per-sample |gradient| pass on the unquantized model, which also
+collects the unquantized model's Hessians, (2) its *base* quantizer without mask for Q(W): every
+matrix on its own with those Hessians, in worker processes (:mod:`tacq_quant.parallel`;
+``qw_hessians="sequential"``: a plain sequential pass instead, as the authors' code; or Q(W) read
+from a checkpoint of that base made with the same settings), (3) the global top-k selection and
+(4) the masked sequential pass of the base quantizer. The base is GPTQ's affine grid
+(``base="gptq"``, the paper's TACQ) or CLAQ's per-column k-means codebooks (``base="claq"``: kept
+weights are left out of the codebook fit, see :mod:`tacq_quant.claq`; fractional bits give
+CLAQ's adaptive precision; ``codebook_weights`` weights the k-means by the gradients). Every
+final pass goes through :func:`tacq_quant.sequential.quantize_sequential`, so all methods see the
+same calibration activations, report the same table and produce format-v1 layers.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .tacq import SALIENCY_KINDS, cached_abs_gradients, keep_count, saliency, se
 METHODS = ("rtn", "gptq", "tacq", "claq")
 TACQ_BASES = ("gptq", "claq")
 QW_HESSIANS = ("fp", "sequential")
+CODEBOOK_WEIGHTS = ("none", "g", "g2")
 DEFAULT_OUTLIER_FRAC = 0.0035
 
 
@@ -63,6 +67,7 @@ class QuantizeConfig:
     corrupt_from: str | None = None  # TACQ: take Q(W) from this GPTQ checkpoint instead of a GPTQ pass
     qw_hessians: str = "fp"  # TACQ: Q(W)'s Hessians from the unquantized model ("fp") or a sequential pass
     workers: int | None = None  # TACQ, qw_hessians="fp": processes for the Q(W) pass (None: up to 2)
+    codebook_weights: str = "none"  # TACQ over CLAQ: k-means weighted by the |gradient| sums G ("g") or G^2 ("g2")
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -103,6 +108,13 @@ class QuantizeConfig:
             raise ConfigError(f"--kmeans-init must be kmeans++ or quantile, got {self.kmeans_init!r}")
         if self.qw_hessians not in QW_HESSIANS:
             raise ConfigError(f"--qw-hessians must be one of {', '.join(QW_HESSIANS)}, got {self.qw_hessians!r}")
+        if self.codebook_weights not in CODEBOOK_WEIGHTS:
+            raise ConfigError(f"--codebook-weights must be one of {', '.join(CODEBOOK_WEIGHTS)}, "
+                              f"got {self.codebook_weights!r}")
+        if self.codebook_weights != "none" and not (self.method == "tacq" and self.base == "claq"
+                                                    and self.saliency != "magnitude"):
+            raise ConfigError("--codebook-weights weights CLAQ's k-means by TACQ's gradients: it needs "
+                              "--method tacq --base claq and a saliency with gradients")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
 
@@ -128,6 +140,8 @@ class QuantizeConfig:
             d.pop("outlier_frac")
             d.pop("saliency")
             d.pop("base")
+        if self.codebook_weights == "none":
+            d.pop("codebook_weights")  # as before the option existed
         if not self.uses_kmeans:
             d.pop("reserve_outliers")
             d.pop("kmeans_init")
@@ -170,22 +184,33 @@ def _gptq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] |
     return quantize
 
 
-def _claq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None):
+def _claq_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None,
+                           importance: dict[str, torch.Tensor] | None = None):
     def quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
         # one generator seed per matrix, derived from the run's seed and the matrix name
         seed = (cfg.seed * 1_000_003 + sum(name.encode())) % (2**31)
         q = KMeansColumnQuantizer(cfg.bits, reserve_outliers=cfg.reserve_outliers, kmeans_init=cfg.kmeans_init,
                                   seed=seed)
         keep = _mask_of(masks, name)
+        imp = None if importance is None else importance[name]
         return gptq_quantize(weight, hessian, q, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                             act_order=cfg.effective_act_order, keep_mask=keep).weight
+                             act_order=cfg.effective_act_order, keep_mask=keep, importance=imp).weight
     return quantize
 
 
-def _base_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None):
+def codebook_importance(cfg: QuantizeConfig, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The k-means weights of TACQ over CLAQ (``--codebook-weights``): G or G^2 per weight."""
+    if cfg.codebook_weights == "none":
+        return None
+    return {n: g.to(torch.float32) if cfg.codebook_weights == "g" else g.to(torch.float32).square()
+            for n, g in grads.items()}
+
+
+def _base_weight_quantizer(cfg: QuantizeConfig, masks: dict[str, torch.Tensor] | None = None,
+                           importance: dict[str, torch.Tensor] | None = None):
     """TACQ's quantizer of the non-kept weights: GPTQ's affine grid or CLAQ's codebooks."""
     if cfg.base == "claq":
-        return _claq_weight_quantizer(cfg, masks)
+        return _claq_weight_quantizer(cfg, masks, importance)
     return _gptq_weight_quantizer(cfg, masks)
 
 
@@ -304,6 +329,8 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
             stages["gradient_write_seconds"] = ginfo["write_seconds"]
         stages["gradient_samples"] = len(samples)
 
+    importance = codebook_importance(cfg, grads)
+
     # (2) Q(W): the plain base quantizer at the same bits on the same data
     t0 = time.perf_counter()
     if cfg.saliency in ("magnitude", "msg"):
@@ -314,7 +341,8 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
         stages["corrupt_from"] = cfg.corrupt_from
     elif fp_hessians is not None:
         log(f"TACQ: {cfg.base.upper()} of every matrix on its own for Q(W), Hessians of the unquantized model")
-        qres, corrupt = quantize_independent(model, fp_hessians, _base_weight_quantizer(cfg), workers=cfg.workers,
+        qres, corrupt = quantize_independent(model, fp_hessians, _base_weight_quantizer(cfg, None, importance),
+                                             workers=cfg.workers,
                                              device=run["device"], progress=run["progress"],
                                              store=stores.get("qw") if stores else None)
         del fp_hessians
@@ -325,7 +353,7 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
         qrun = {**run, "on_layer": None}
         if stores:
             qrun["store"] = stores["qw"]
-        quantize_sequential(model, calib.windows, _base_weight_quantizer(cfg), **qrun)
+        quantize_sequential(model, calib.windows, _base_weight_quantizer(cfg, None, importance), **qrun)
         corrupt = {n: m.weight.detach().to("cpu", copy=True) for n, m in linears.items()}
         with torch.no_grad():
             for n, m in linears.items():
@@ -345,4 +373,4 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
     args["kept_of"] = n_weights
 
     # (4) the base quantizer again from the original weights, with the mask
-    return quantize_sequential(model, calib.windows, _base_weight_quantizer(cfg, masks), **run)
+    return quantize_sequential(model, calib.windows, _base_weight_quantizer(cfg, masks, importance), **run)
