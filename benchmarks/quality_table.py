@@ -52,6 +52,10 @@ def label(name: str, q: dict | None) -> str:
         extra.append(f"g{a['group_size']}")
     if a.get("saliency", "tacq") != "tacq":
         extra.append(f"score={a['saliency']}")
+    if a.get("qw_hessians") == "fp":  # rows made before the option had a sequential Q(W) pass
+        extra.append("fp-Hessian Q(W)")
+    if a.get("codebook_weights", "none") != "none":
+        extra.append(f"k-means weights {a['codebook_weights'].replace('g2', 'G²').replace('g', 'G')}")
     if a.get("nsamples", 128) != 128 or a.get("seqlen", 256) != 256:
         extra.append(f"calib {a['nsamples']}x{a['seqlen']}")
     return f"{m} {bits}" + (f" ({', '.join(extra)})" if extra else "")

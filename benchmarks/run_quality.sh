@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|all]   (default: all; chains can run in parallel;
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|all]   (default: all; chains can run in parallel;
 #                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
@@ -134,6 +134,12 @@ chain_levers() {
       --codebook-weights g2 "${grad[@]}";                                          evaluate tacqclaq2_g2
 }
 
+# Calibration length (the papers use 2048-token windows): 128 x 512 instead of 128 x 256, fresh gradients.
+chain_long() {
+  quantize tacqclaq3_s512 --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$WIKI" \
+      --seqlen 512 --grad-cache "$RUNS/grad_wiki_s512.safetensors";                evaluate tacqclaq3_s512
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
@@ -145,7 +151,8 @@ case "${1:-all}" in
   calib) chain_calib ;;
   qwfp) chain_qwfp ;;
   levers) chain_levers ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers ;;
-  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|all]" >&2; exit 2 ;;
+  long) chain_long ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers; chain_long ;;
+  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
