@@ -322,5 +322,8 @@ def test_independent_qw_pass_is_the_same_with_one_or_two_workers_and_resumes(tmp
 
     again, eff3 = quantize_independent(model, hessians, counting, workers=1, progress=False, store=store)
     assert calls == [] and all(torch.equal(eff1[n], eff3[n]) for n in before)
+    # every layer saved: no Hessian is needed at all (a resumed run skips collecting them)
+    _, eff4 = quantize_independent(model, {}, counting, workers=1, progress=False, store=store)
+    assert calls == [] and all(torch.equal(eff1[n], eff4[n]) for n in before)
     with pytest.raises(ValueError, match="no Hessian for"):
         quantize_independent(model, {}, quantize, workers=1, progress=False)

@@ -71,7 +71,8 @@ def quantize_independent(
     progress: bool = True,
     store=None,
 ) -> tuple[SequentialResult, dict[str, torch.Tensor]]:
-    """Quantize every decoder linear of ``model`` with ``hessians[name]`` (fp32 [K, K], CPU);
+    """Quantize every decoder linear of ``model`` with ``hessians[name]`` (fp32 [K, K], CPU; only
+    needed for the layers not yet in ``store``);
     the model is left unchanged. Returns the packed layers with their reports, and the effective
     (decoded) weight of every linear, by full name, in model order.
 
@@ -93,13 +94,13 @@ def quantize_independent(
     for li, layer in enumerate(layers):
         modules = dict(layer.named_modules())
         per_layer.append({f"{prefix}.{li}.{n}": modules[n] for n in linear_names(layer)})
-    missing = [n for group in per_layer for n in group if n not in hessians]
-    if missing:
-        raise ValueError(f"no Hessian for {missing[0]}")
     result = SequentialResult()
     effective: dict[str, torch.Tensor] = {}
     stage = store.stage if store is not None else "pass"
     done = min(store.completed(), len(layers)) if store is not None else 0
+    missing = [n for group in per_layer[done:] for n in group if n not in hessians]
+    if missing:
+        raise ValueError(f"no Hessian for {missing[0]}")
     for li in range(done):
         packed, reports = store.load(li)
         result.packed.update(packed)

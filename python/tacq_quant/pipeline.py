@@ -32,7 +32,7 @@ from .gptq import AffineColumnQuantizer, gptq_quantize
 from .parallel import quantize_independent
 from .quantized_weight import QuantizedWeight
 from .rtn import rtn_quantize
-from .sequential import LayerReport, quantize_sequential, summarize
+from .sequential import LayerReport, find_decoder_layers, quantize_sequential, summarize
 from .tacq import SALIENCY_KINDS, cached_abs_gradients, keep_count, saliency, select_top_k, target_linears
 
 METHODS = ("rtn", "gptq", "tacq", "claq")
@@ -310,6 +310,10 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
     grads = {n: None for n in names}
     qw_pass = cfg.saliency in ("tacq", "qal") and not cfg.corrupt_from
     fp_hessians = {} if qw_pass and cfg.qw_hessians == "fp" else None
+    n_layers = len(find_decoder_layers(model)[1])
+    qw_saved = stores.get("qw").completed() if stores else 0
+    # a resumed run whose Q(W) layers are all saved needs no Hessians (no forwards for them)
+    collect = fp_hessians if fp_hessians is not None and qw_saved < n_layers else None
     if cfg.saliency != "magnitude":
         samples = calib.gradient_samples()
         cache = cfg.grad_cache or (work.gradient_path() if work is not None else None)
@@ -321,7 +325,7 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
 
         grads, ginfo = cached_abs_gradients(model, samples, cache, device=run["device"],
                                             progress=run["progress"], max_batch_tokens=cfg.grad_max_batch_tokens,
-                                            on_batch=on_batch, hessians=fp_hessians)
+                                            on_batch=on_batch, hessians=collect)
         checkpoint("the gradient pass (saved)")
         stages["gradient_seconds"] = time.perf_counter() - t0
         stages["gradient_cache"] = ginfo.get("cache")
