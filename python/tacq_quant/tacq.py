@@ -19,6 +19,9 @@ decided by one saliency score per weight, as the authors' code computes it
   the scale fit (replaced by the row mean of the non-kept ones), keep their GPTQ-updated value,
   and propagate no error (:func:`tacq_quant.gptq.gptq_quantize`).
 
+The same forwards can also accumulate every linear's Hessian ``2/n sum x x^T`` on the unquantized
+model (``hessians=``), which TACQ's Q(W) pass uses (:mod:`tacq_quant.parallel`).
+
 Per-sample gradients are computed in batches: a forward hook keeps each linear's input x_s and a
 hook on its output receives dL/dy_s; the per-sample weight gradient is ``dy_s^T x_s`` (one
 ``bmm`` per batch), whose absolute value is summed over the batch. Samples of a batch are
@@ -281,19 +284,24 @@ def cached_abs_gradients(model, samples, cache_path: str | None, **kwargs) -> tu
     info = {"cache": None}
     fp = samples_fingerprint(model, samples) if cache_path else None
     if cache_path and os.path.exists(cache_path):
+        cached = None
         try:
             from safetensors import safe_open
 
             with safe_open(cache_path, framework="pt") as f:
                 meta = f.metadata() or {}
             if meta.get("fingerprint") == fp:
+                cached = load_file(cache_path)
                 info["cache"] = "hit"
-                if kwargs.get("hessians") is not None:  # the Hessians are not cached: forwards only
-                    accumulate_abs_gradients(model, samples, **kwargs, gradients=False)
-                return load_file(cache_path), info
-            info["cache"] = "stale"
+            else:
+                info["cache"] = "stale"
         except Exception:  # unreadable cache: recompute
             info["cache"] = "unreadable"
+        if cached is not None:
+            # the Hessians are not cached: forwards only (outside the try: a Ctrl-C there must stop)
+            if kwargs.get("hessians") is not None:
+                accumulate_abs_gradients(model, samples, **kwargs, gradients=False)
+            return cached, info
     t0 = time.perf_counter()
     grads = accumulate_abs_gradients(model, samples, **kwargs)
     info["seconds"] = time.perf_counter() - t0
