@@ -148,6 +148,9 @@ chain_gptqlevers() {
   quantize tacq3_ao --method tacq --base gptq --bits 3 --act-order --calib "$WIKI" "${grad[@]}";   evaluate tacq3_ao
   quantize tacq3_g128 --method tacq --base gptq --bits 3 --group-size 128 --outlier-frac 0.0009 \
       --calib "$WIKI" "${grad[@]}";                                                 evaluate tacq3_g128
+  # act-order with the rest of the 3.35-bit budget spent on kept weights (3.251 + 0.30 % x 32 bits)
+  quantize tacq3_ao_p065 --method tacq --base gptq --bits 3 --act-order --outlier-frac 0.0065 \
+      --calib "$WIKI" "${grad[@]}";                                                 evaluate tacq3_ao_p065
 }
 
 case "${1:-all}" in
