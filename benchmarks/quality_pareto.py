@@ -51,6 +51,8 @@ def family(q: dict | None) -> str:
         m = f"tacq/{a.get('base', 'gptq')}"
         if a.get("saliency", "tacq") != "tacq":
             m += f" ({a['saliency']})"
+        if a.get("act_order") and a.get("base", "gptq") == "gptq":
+            m += " act-order"
         if a.get("codebook_weights", "none") != "none":
             m += f", {a['codebook_weights'].replace('g2', 'G²').replace('g', 'G')}-weighted k-means"
     elif m == "claq":

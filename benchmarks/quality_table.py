@@ -52,6 +52,9 @@ def label(name: str, q: dict | None) -> str:
         extra.append(f"g{a['group_size']}")
     if a.get("saliency", "tacq") != "tacq":
         extra.append(f"score={a['saliency']}")
+    kmeans = a["method"] == "claq" or a.get("base") == "claq"
+    if a.get("act_order") and not kmeans:  # on by default for CLAQ only
+        extra.append("act-order")
     if a.get("qw_hessians") == "fp":  # rows made before the option had a sequential Q(W) pass
         extra.append("fp-Hessian Q(W)")
     if a.get("codebook_weights", "none") != "none":
