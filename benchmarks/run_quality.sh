@@ -151,6 +151,9 @@ chain_gptqlevers() {
   # act-order with the rest of the 3.35-bit budget spent on kept weights (3.251 + 0.30 % x 32 bits)
   quantize tacq3_ao_p065 --method tacq --base gptq --bits 3 --act-order --outlier-frac 0.0065 \
       --calib "$WIKI" "${grad[@]}";                                                 evaluate tacq3_ao_p065
+  # the same at the 2.35-bit budget (2.094 + 0.045 + 0.63 % x 32 bits)
+  quantize tacq2_ao_p063 --method tacq --base gptq --bits 2 --act-order --outlier-frac 0.0063 \
+      --calib "$WIKI" "${grad[@]}";                                                 evaluate tacq2_ao_p063
 }
 
 case "${1:-all}" in
