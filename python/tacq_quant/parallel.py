@@ -9,7 +9,7 @@ column) that use one core each, so the matrices are shared out to ``workers`` fo
 
 Each matrix is quantized exactly as in a sequential pass with that Hessian (the same quantizer
 function, the same per-matrix seeds), so the result does not depend on the number of workers
-(``tests/test_quant_pipeline.py`` checks 1 against 2).
+(``tests/test_quant_tacq.py`` checks 1 against 2).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import time
 import torch
 from torch import nn
 
-from .gptq import relative_output_error
-from .sequential import LayerReport, SequentialResult, find_decoder_layers, linear_names, peak_memory_mb
+from .sequential import LayerReport, SequentialResult, find_decoder_layers, linear_names, quantize_linear
 
 # read by the forked workers (inherited memory: nothing of it is pickled)
 _JOB: dict = {}
@@ -39,19 +38,10 @@ def default_workers() -> int:
 
 def _quantize_one(name: str):
     device = _JOB["device"]
-    weight, hessian = _JOB["weights"][name].to(device), _JOB["hessians"][name].to(device)
     bias = _JOB["biases"][name]
-    t0 = time.perf_counter()
-    qw = _JOB["quantize"](name, weight, hessian)
-    packed = qw.pack(name, None if bias is None else bias.to(device))
-    w_eff = qw.effective_weight(packed).to(dtype=weight.dtype)
-    bpw = packed.spec.bits_per_weight()
-    report = LayerReport(
-        name=name, out_features=packed.spec.out_features, in_features=packed.spec.in_features,
-        rel_error=relative_output_error(weight, w_eff, hessian), bits_weights=bpw["weights"],
-        bits_total=bpw["total"], nnz=packed.spec.nnz, seconds=time.perf_counter() - t0,
-        peak_mem_mb=peak_memory_mb(device), segments=packed.spec.describe_bits(),
-    )
+    _, packed, w_eff, report = quantize_linear(
+        name, _JOB["weights"][name].to(device), _JOB["hessians"][name].to(device),
+        None if bias is None else bias.to(device), _JOB["quantize"])
     if device.type != "cpu":
         packed, w_eff = packed.to("cpu"), w_eff.cpu()
     return name, packed, w_eff, report
@@ -98,7 +88,8 @@ def quantize_independent(
     effective: dict[str, torch.Tensor] = {}
     stage = store.stage if store is not None else "pass"
     done = min(store.completed(), len(layers)) if store is not None else 0
-    missing = [n for group in per_layer[done:] for n in group if n not in hessians]
+    todo = [n for group in per_layer[done:] for n in group]
+    missing = [n for n in todo if n not in hessians]
     if missing:
         raise ValueError(f"no Hessian for {missing[0]}")
     for li in range(done):
@@ -106,7 +97,6 @@ def quantize_independent(
         result.packed.update(packed)
         result.reports.extend(LayerReport(**r) for r in reports)
         effective.update({n: dequantize(p).to(torch.float32) for n, p in packed.items()})
-    todo = [n for group in per_layer[done:] for n in group]
     _JOB.update(
         quantize=quantize_weight,
         device=device,
@@ -125,19 +115,17 @@ def quantize_independent(
             outputs = pool.imap(_quantize_one, todo)
         else:
             outputs = map(_quantize_one, todo)
-        got: dict[str, tuple] = {}
         for li in range(done, len(layers)):
             names = list(per_layer[li])
-            for _ in names:
+            for _ in names:  # imap keeps the order of todo: this layer's linears, in order
                 name, packed, w_eff, report = next(outputs)
-                got[name] = (packed, report)
+                short = name[len(f"{prefix}.{li}."):]
+                result.packed[name] = packed
+                result.reports.append(report)
                 effective[name] = w_eff
-                bar.set_description(f"layer {li}/{len(layers)} {name.rsplit('.', 2)[-2]}.{name.rsplit('.', 1)[-1]}")
+                bar.set_description(f"layer {li}/{len(layers)} {short}")
                 bar.update(1)
-                test_point(f"{stage}:{li}:{name[len(f'{prefix}.{li}.'):]}")
-            for n in names:
-                result.packed[n] = got[n][0]
-                result.reports.append(got.pop(n)[1])
+                test_point(f"{stage}:{li}:{short}")
             if store is not None:
                 store.save(li, {n: result.packed[n] for n in names}, [r.__dict__ for r in result.reports[-len(names):]])
                 test_point(f"{stage}-saved:{li}")

@@ -152,6 +152,28 @@ def capture_layer0_inputs(model: nn.Module, windows: torch.Tensor, device: torch
     return inputs, kwargs_list
 
 
+def quantize_linear(name: str, weight: torch.Tensor, hessian: torch.Tensor, bias: torch.Tensor | None,
+                    quantize_weight: WeightQuantizer) -> tuple[QuantizedWeight, PackedLayer, torch.Tensor, LayerReport]:
+    """One linear: quantize ``weight`` with its ``hessian``, pack it, decode it back. Returns the
+    QuantizedWeight, the packed layer, the effective weight (what the checkpoint decodes to, on
+    ``weight``'s device and dtype) and its summary row. The weight itself is not changed."""
+    device = weight.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    qw = quantize_weight(name, weight, hessian)
+    packed = qw.pack(name, bias)
+    w_eff = qw.effective_weight(packed).to(device=device, dtype=weight.dtype)
+    bpw = packed.spec.bits_per_weight()
+    report = LayerReport(
+        name=name, out_features=packed.spec.out_features, in_features=packed.spec.in_features,
+        rel_error=relative_output_error(weight, w_eff, hessian), bits_weights=bpw["weights"],
+        bits_total=bpw["total"], nnz=packed.spec.nnz, seconds=time.perf_counter() - t0,
+        peak_mem_mb=peak_memory_mb(device), segments=packed.spec.describe_bits(),
+    )
+    return qw, packed, w_eff, report
+
+
 def quantize_sequential(
     model: nn.Module,
     windows: torch.Tensor,
@@ -213,27 +235,14 @@ def quantize_sequential(
                     name = f"{prefix}.{li}.{short}"
                     bar.set_description(f"layer {li}/{len(layers)} {short}")
                     module = modules[short]
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    t0 = time.perf_counter()
-                    w = module.weight.data
-                    h = hessians[short]
-                    qw = quantize_weight(name, w, h)
                     bias = None if module.bias is None else module.bias.data
-                    packed = qw.pack(name, bias)
-                    w_eff = qw.effective_weight(packed).to(device=w.device, dtype=w.dtype)
-                    rel = relative_output_error(w, w_eff, h)
+                    qw, packed, w_eff, report = quantize_linear(name, module.weight.data, hessians[short], bias,
+                                                                quantize_weight)
                     module.weight.data.copy_(w_eff)
                     if on_layer is not None:
                         on_layer(name, qw)
                     result.packed[name] = packed
-                    bpw = packed.spec.bits_per_weight()
-                    result.reports.append(LayerReport(
-                        name=name, out_features=packed.spec.out_features, in_features=packed.spec.in_features,
-                        rel_error=rel, bits_weights=bpw["weights"], bits_total=bpw["total"], nnz=packed.spec.nnz,
-                        seconds=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(device),
-                        segments=packed.spec.describe_bits(),
-                    ))
+                    result.reports.append(report)
                     bar.update(1)
                     test_point(f"{stage}:{li}:{short}")
                 del hessians
