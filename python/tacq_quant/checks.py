@@ -188,7 +188,7 @@ def estimate_memory(model, cfg, nsamples: int, seqlen: int, device: torch.device
         grad_acts = len(layers) * tokens * (12 * hidden + 4 * inter) * 4 + 3 * tokens * vocab * 4 + 2 * batch * biggest * 4
         grad_phase = 4 * n_weights + grad_acts
         qw_phase = 8 * n_weights + seq_pass
-        if cfg.qw_hessians == "fp" and cfg.saliency in ("tacq", "qal") and not cfg.corrupt_from:
+        if cfg.runs_qw_pass and cfg.qw_hessians == "fp":
             all_hess = 4 * len(layers) * sum(k * k for k in ks)
             grad_phase += all_hess
             qw_phase = 12 * n_weights + all_hess + 2 * 4 * 4 * max(ks) ** 2

@@ -23,7 +23,6 @@ import time
 import torch
 
 DEFAULT_PROMPT = "What is the capital of France, and what is it famous for?"
-DEFAULT_CODEBOOK_WEIGHTS = "none"
 
 
 @torch.inference_mode()
@@ -93,14 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--codebook-weights", choices=("none", "g", "g2"), default=DEFAULT_CODEBOOK_WEIGHTS,
+    p.add_argument("--codebook-weights", choices=("none", "g", "g2"), default="none",
                    help="with --base claq: weight the k-means by TACQ's gradients (docs/quantizer.md section 3.5)")
     args = p.parse_args(argv)
     from .models import is_quantized_checkpoint
     from .pipeline import ConfigError, QuantizeConfig
 
-    if args.base == "gptq" and args.codebook_weights != "none":
-        args.codebook_weights = "none"  # the default's weights are a CLAQ option: not for the affine grid
     cfg = QuantizeConfig(method="tacq", bits=args.bits, outlier_frac=args.outlier_frac, base=args.base,
                          seed=args.seed, codebook_weights=args.codebook_weights)
     try:

@@ -124,6 +124,12 @@ class QuantizeConfig:
         return self.method == "claq" or (self.method == "tacq" and self.base == "claq")
 
     @property
+    def runs_qw_pass(self) -> bool:
+        """Whether TACQ quantizes the model once without mask for Q(W) (its score reads Q(W) and
+        no ``corrupt_from`` checkpoint supplies it)."""
+        return self.method == "tacq" and self.saliency in ("tacq", "qal") and not self.corrupt_from
+
+    @property
     def effective_act_order(self) -> bool:
         return self.act_order if self.act_order is not None else self.uses_kmeans
 
@@ -134,8 +140,8 @@ class QuantizeConfig:
         d.pop("corrupt_from")
         d.pop("grad_max_batch_tokens")
         d.pop("workers")  # the result does not depend on it
-        if self.method != "tacq" or self.saliency in ("msg", "magnitude") or self.corrupt_from:
-            d.pop("qw_hessians")  # no Q(W) pass
+        if not self.runs_qw_pass:
+            d.pop("qw_hessians")
         if self.method != "tacq":
             d.pop("outlier_frac")
             d.pop("saliency")
@@ -308,8 +314,7 @@ def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=
     # (1) sum over samples of |per-sample gradient| on the unquantized model
     t0 = time.perf_counter()
     grads = {n: None for n in names}
-    qw_pass = cfg.saliency in ("tacq", "qal") and not cfg.corrupt_from
-    fp_hessians = {} if qw_pass and cfg.qw_hessians == "fp" else None
+    fp_hessians = {} if cfg.runs_qw_pass and cfg.qw_hessians == "fp" else None
     n_layers = len(find_decoder_layers(model)[1])
     qw_saved = stores.get("qw").completed() if stores else 0
     # a resumed run whose Q(W) layers are all saved needs no Hessians (no forwards for them)
