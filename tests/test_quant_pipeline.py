@@ -53,10 +53,14 @@ METHOD_CASES = [
     ("claq", dict(bits=3.1)),
     ("tacq", dict(bits=3, outlier_frac=0.01, base="claq")),
     ("tacq", dict(bits=2.2, outlier_frac=0.005, base="claq")),
+    # the distillation fine-tune after a pass: the checkpoint must still be what the model computes
+    ("tacq", dict(bits=2, outlier_frac=0.01, base="claq", finetune_steps=3, finetune_lr=1e-3, finetune_precision="fp32")),
+    ("gptq", dict(bits=3, group_size=16, finetune_steps=2, finetune_lr=1e-3, finetune_precision="fp32")),
 ]
 
 
-@pytest.mark.parametrize("method,kwargs", METHOD_CASES, ids=[f"{m}-{k.get('base', '')}{k['bits']}" for m, k in METHOD_CASES])
+@pytest.mark.parametrize("method,kwargs", METHOD_CASES, ids=[f"{m}-{k.get('base', '')}{k['bits']}{'-ft' if k.get('finetune_steps') else ''}"
+                              for m, k in METHOD_CASES])
 def test_quantize_save_load_same_logits(tmp_path, text_file, method, kwargs):
     model = tiny_llama(seed=0)
     tok = byte_tokenizer()

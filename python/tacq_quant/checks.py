@@ -165,7 +165,8 @@ def estimate_memory(model, cfg, nsamples: int, seqlen: int, device: torch.device
     three copies of the logits) with the model in fp32 on the device. With ``qw_hessians="fp"``
     the Hessians of all layers are held from the gradient pass to the end of the Q(W) pass, beside
     a CPU copy of the weights and Q(W), and each of up to two worker processes has one matrix's
-    GPTQ work copies.
+    GPTQ work copies. A fine-tune (``finetune_steps``) adds the teacher's copy of the model and its
+    own phase (codes, weights and gradients, one batch's activations and logits).
     """
     conf = model.config
     hidden = int(getattr(conf, "hidden_size", 0) or 0)
@@ -197,6 +198,14 @@ def estimate_memory(model, cfg, nsamples: int, seqlen: int, device: torch.device
         dev = max(dev, grad_phase + (model_bytes if device.type != "cpu" else 0))
     elif cfg.method == "tacq":
         host = max(host, 5 * n_weights)  # scores, flat copy and masks
+    if cfg.finetune_steps:
+        # the teacher copy is held from the start; the fine-tune itself holds the int64 codes, the
+        # rebuilt fp32 weights and their gradients, one batch's activations and five logits tensors
+        ft_tokens = cfg.finetune_batch_size * seqlen
+        ft_phase = (model_bytes + 16 * n_weights + len(layers) * ft_tokens * (12 * hidden + 4 * inter) * 4
+                    + 5 * ft_tokens * vocab * 4)
+        host = max(host + model_bytes, ft_phase)
+        dev = max(dev, ft_phase + (model_bytes if device.type != "cpu" else 0))
     return {"host": host, "device": dev if device.type != "cpu" else 0}
 
 

@@ -183,6 +183,15 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "none (default): unweighted, as CLAQ")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="TACQ with --qw-hessians fp: processes for the Q(W) pass (default: up to 2, one per core)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="after quantizing, distil the unquantized model into the stored 16-bit values (codebooks, "
+                        "scales, zeros, kept weights; codes and bits unchanged) for this many Adam steps on the "
+                        "calibration windows; 0: no fine-tune (default)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tune learning rate (default 1e-4)")
+    p.add_argument("--finetune-batch-size", type=_positive_int, default=4,
+                   help="calibration windows per fine-tune step (default 4)")
+    p.add_argument("--finetune-precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="fine-tune matmuls: bf16 autocast where the hardware has bf16 (auto, default), or fp32")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
@@ -264,6 +273,8 @@ def _run_quantize(args) -> int:
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
         qw_hessians=args.qw_hessians, workers=args.workers, codebook_weights=args.codebook_weights,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        finetune_batch_size=args.finetune_batch_size, finetune_precision=args.finetune_precision,
     )
     cfg.validate()
     if args.method != "tacq" and (args.grad_cache or args.corrupt_from or args.saliency != "tacq"):

@@ -94,12 +94,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codebook-weights", choices=("none", "g", "g2"), default="none",
                    help="with --base claq: weight the k-means by TACQ's gradients (docs/quantizer.md section 3.5)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="distillation steps on the codebooks and kept weights after quantizing (0: none)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
     args = p.parse_args(argv)
     from .models import is_quantized_checkpoint
     from .pipeline import ConfigError, QuantizeConfig
 
     cfg = QuantizeConfig(method="tacq", bits=args.bits, outlier_frac=args.outlier_frac, base=args.base,
-                         seed=args.seed, codebook_weights=args.codebook_weights)
+                         seed=args.seed, codebook_weights=args.codebook_weights,
+                         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr)
     try:
         cfg.validate()
     except ConfigError as e:

@@ -16,6 +16,7 @@ same calibration activations, report the same table and produce format-v1 layers
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -28,6 +29,7 @@ from tacq_kernels import PackedLayer
 
 from .claq import KMeansColumnQuantizer, validate_claq_bits
 from .data import CalibrationData
+from .finetune import FinetuneConfig, finetune_layers
 from .gptq import AffineColumnQuantizer, gptq_quantize
 from .parallel import quantize_independent
 from .quantized_weight import QuantizedWeight
@@ -68,6 +70,10 @@ class QuantizeConfig:
     qw_hessians: str = "fp"  # TACQ: Q(W)'s Hessians from the unquantized model ("fp") or a sequential pass
     workers: int | None = None  # TACQ, qw_hessians="fp": processes for the Q(W) pass (None: up to 2)
     codebook_weights: str = "none"  # TACQ over CLAQ: k-means weighted by the |gradient| sums G ("g") or G^2 ("g2")
+    finetune_steps: int = 0  # any method: distillation steps on the stored 16-bit values afterwards (0: none)
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 4
+    finetune_precision: str = "auto"  # the fine-tune's matmuls: auto (bf16 where native), fp32, bf16
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -117,6 +123,14 @@ class QuantizeConfig:
                               "--method tacq --base claq and a saliency with gradients")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        try:
+            self.finetune_config().validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def finetune_config(self) -> FinetuneConfig:
+        return FinetuneConfig(steps=self.finetune_steps, batch_size=self.finetune_batch_size, lr=self.finetune_lr,
+                              precision=self.finetune_precision, seed=self.seed)
 
     @property
     def uses_kmeans(self) -> bool:
@@ -140,6 +154,9 @@ class QuantizeConfig:
         d.pop("corrupt_from")
         d.pop("grad_max_batch_tokens")
         d.pop("workers")  # the result does not depend on it
+        if not self.finetune_steps:
+            for key in ("finetune_steps", "finetune_lr", "finetune_batch_size", "finetune_precision"):
+                d.pop(key)  # as before the option existed
         if not self.runs_qw_pass:
             d.pop("qw_hessians")
         if self.method != "tacq":
@@ -283,6 +300,8 @@ def quantize_model(
     stages: dict = {}
     run = dict(device=device, batch_size=batch_size, true_sequential=cfg.true_sequential, progress=progress,
                on_layer=on_layer)
+    # the unquantized model, for the distillation at the end (the passes below change ``model``)
+    teacher = copy.deepcopy(model) if cfg.finetune_steps else None
     stores = {}
     if work is not None:
         stores = {"qw": work.store("qw"), "final": work.store("final")}
@@ -297,10 +316,34 @@ def quantize_model(
     else:
         res = _quantize_tacq(model, calib, cfg, run, stages, args, log, work, stores)
     stages["sequential_seconds"] = res.seconds
+    if teacher is not None:
+        res.packed, stages["finetune"] = _finetune(model, teacher, res.packed, calib, cfg, run, log)
+        stages["finetune_seconds"] = stages["finetune"]["seconds"]
+        del teacher
     if stores:
         stages["progress_save_seconds"] = sum(st.save_seconds for st in stores.values())
         stages["progress_saved_bytes"] = sum(st.saved_bytes for st in stores.values())
     return QuantizeOutcome(res.packed, res.reports, args, time.perf_counter() - t_start, stages)
+
+
+def _finetune(model, teacher, packed, calib, cfg, run, log):
+    """Distil the unquantized model into the quantized layers' stored values; the model's linears
+    then hold the trained effective weights, as after any pass."""
+    from tacq_kernels.reference import dequantize
+
+    from .progress import checkpoint
+
+    checkpoint("the quantization passes (saved; the fine-tune starts again on resume)")
+    log(f"fine-tune: {cfg.finetune_steps} steps of {cfg.finetune_batch_size} calibration windows, "
+        "distilling the unquantized model into the codebooks, scales and kept weights")
+    out, report = finetune_layers(model, teacher, packed, calib.windows, cfg.finetune_config(),
+                                  device=run["device"], progress=run["progress"], log=log)
+    linears = dict(model.named_modules())
+    with torch.no_grad():
+        for name, layer in out.items():
+            w = linears[name].weight
+            w.copy_(dequantize(layer).to(w.device, w.dtype))
+    return out, report
 
 
 def _quantize_tacq(model, calib, cfg, run, stages, args, log, work=None, stores=None):
