@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|all]   (default: all; chains can run in parallel;
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|finetune|all]   (default: all; chains can run in parallel;
 #                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
@@ -156,6 +156,16 @@ chain_gptqlevers() {
       --calib "$WIKI" "${grad[@]}";                                                 evaluate tacq2_ao_p063
 }
 
+# The distillation fine-tune (docs/quantizer.md section 3.6) on the qwfp recipes: 32 steps of 4 windows, the
+# matmuls in bf16 where the CPU has it (auto). Same gradients as the qwfp rows.
+chain_finetune() {
+  local grad=(--grad-cache "$RUNS/grad_wiki_qwfp.safetensors")
+  quantize tacqclaq3_ft --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$WIKI" \
+      --finetune-steps 32 "${grad[@]}";                                             evaluate tacqclaq3_ft
+  quantize tacqclaq2_ft --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$WIKI" \
+      --finetune-steps 32 "${grad[@]}";                                             evaluate tacqclaq2_ft
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
@@ -169,7 +179,8 @@ case "${1:-all}" in
   levers) chain_levers ;;
   long) chain_long ;;
   gptqlevers) chain_gptqlevers ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers; chain_long; chain_gptqlevers ;;
-  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|all]" >&2; exit 2 ;;
+  finetune) chain_finetune ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers; chain_long; chain_gptqlevers; chain_finetune ;;
+  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|finetune|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
