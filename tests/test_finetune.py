@@ -139,3 +139,30 @@ def test_finetune_settings_are_checked():
                 dict(finetune_steps=4, finetune_batch_size=0), dict(finetune_steps=4, finetune_precision="fp8")):
         with pytest.raises(ConfigError, match="fine-tune"):
             QuantizeConfig("gptq", 3, **bad).validate()
+
+
+def test_cli_finetune_writes_a_loadable_checkpoint(tmp_path, capsys):
+    import json
+
+    import tacq_kernels
+    from tacq_quant.cli import main
+    from tacq_quant.tiny import save_tiny_model
+
+    text = tmp_path / "calib.txt"
+    text.write_text("Outliers stay in sixteen bits while the rest goes to two. " * 60)
+    model_dir = save_tiny_model(str(tmp_path / "tiny"))
+    out = str(tmp_path / "q")
+    rc = main(["quantize", "--model", model_dir, "--method", "claq", "--bits", "2", "--calib", str(text),
+               "--nsamples", "4", "--seqlen", "40", "--finetune-steps", "3", "--finetune-lr", "1e-3",
+               "--finetune-precision", "fp32", "--out", out, "--quiet"])
+    assert rc == 0
+    assert "fine-tune: 3 steps of 4 windows (fp32)" in capsys.readouterr().err
+    args = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["method_args"]
+    assert args["finetune_steps"] == 3 and args["finetune_lr"] == 1e-3
+    report = json.loads((tmp_path / "q" / "quantize_report.json").read_text())
+    assert report["stages"]["finetune"]["steps"] == 3 and report["stages"]["finetune_seconds"] > 0
+    assert len(tacq_kernels.quantized_layers(tacq_kernels.load(out))) == 14
+    rc = main(["quantize", "--model", model_dir, "--method", "claq", "--bits", "2", "--calib", str(text),
+               "--finetune-steps", "-2", "--out", str(tmp_path / "bad"), "--quiet"])
+    assert rc != 0 and "--finetune-steps) must be >= 0, got -2" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

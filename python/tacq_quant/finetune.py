@@ -45,13 +45,13 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         if self.steps < 0:
-            raise ValueError(f"fine-tune steps must be >= 0, got {self.steps}")
+            raise ValueError(f"fine-tune steps (--finetune-steps) must be >= 0, got {self.steps}")
         if self.batch_size < 1:
-            raise ValueError(f"fine-tune batch size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"fine-tune batch size (--finetune-batch-size) must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
-            raise ValueError(f"fine-tune learning rate must be positive, got {self.lr}")
+            raise ValueError(f"fine-tune learning rate (--finetune-lr) must be positive, got {self.lr}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"fine-tune precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"fine-tune precision (--finetune-precision) must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def native_bf16(device: torch.device) -> bool:
