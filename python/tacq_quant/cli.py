@@ -183,10 +183,11 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "none (default): unweighted, as CLAQ")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="TACQ with --qw-hessians fp: processes for the Q(W) pass (default: up to 2, one per core)")
-    p.add_argument("--finetune-steps", type=int, default=0,
+    p.add_argument("--finetune-steps", type=int, default=None,
                    help="after quantizing, distil the unquantized model into the stored 16-bit values (codebooks, "
                         "scales, zeros, kept weights; codes and bits unchanged) for this many Adam steps on the "
-                        "calibration windows; 0: no fine-tune (default)")
+                        "calibration windows; 0: no fine-tune. Default: 32 for tacq (one pass over 128 windows: "
+                        "the best measured recipe, docs/results.md), 0 for the baselines rtn, gptq, claq")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tune learning rate (default 1e-4)")
     p.add_argument("--finetune-batch-size", type=_positive_int, default=4,
                    help="calibration windows per fine-tune step (default 4)")
@@ -251,6 +252,10 @@ def _check_out(args, log) -> None:
     check_writable(args.out, "--out")
 
 
+# the CLI's default fine-tune per method: TACQ's best recipe includes it; the baselines stay as published
+DEFAULT_FINETUNE_STEPS = {"tacq": 32}
+
+
 def _run_quantize(args) -> int:
     import contextlib
 
@@ -273,7 +278,9 @@ def _run_quantize(args) -> int:
         blocksize=args.blocksize, clip_search=args.clip_search, reserve_outliers=args.reserve_outliers,
         kmeans_init=args.kmeans_init, seed=args.seed, grad_cache=args.grad_cache, corrupt_from=args.corrupt_from,
         qw_hessians=args.qw_hessians, workers=args.workers, codebook_weights=args.codebook_weights,
-        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        finetune_steps=(args.finetune_steps if args.finetune_steps is not None
+                        else DEFAULT_FINETUNE_STEPS.get(args.method, 0)),
+        finetune_lr=args.finetune_lr,
         finetune_batch_size=args.finetune_batch_size, finetune_precision=args.finetune_precision,
     )
     cfg.validate()

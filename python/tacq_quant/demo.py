@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     calib = CalibrationData(calib_windows, None, f"{args.nsamples} model-sampled sequences of {args.seqlen} tokens "
                             f"(seed {args.seed})", f"model-sampled:{args.nsamples}x{args.seqlen}:seed{args.seed}")
 
-    print(f"== 3. TACQ {bits}-bit over {args.base.upper()}, {100 * args.outlier_frac:.2f}% of weights kept in fp16")
+    print(f"== 3. TACQ {bits}-bit over {args.base.upper()}, {100 * args.outlier_frac:.2f}% of weights kept in fp16"
+          + (f", then {args.finetune_steps} distillation steps on the stored values" if args.finetune_steps else ""))
     t0 = time.perf_counter()
     outcome = quantize_model(model, calib, cfg)
     quant_seconds = time.perf_counter() - t0
