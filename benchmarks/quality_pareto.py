@@ -62,6 +62,8 @@ def family(q: dict | None) -> str:
             m += "+OR"
     if a.get("group_size", -1) not in (-1, None):
         m += f" g{a['group_size']}"
+    if a.get("finetune_steps"):
+        m += f" + {a['finetune_steps']}-step distillation"
     if a["calib"].startswith("piqa"):
         m += ", PIQA calib"
     return m

@@ -61,6 +61,8 @@ def label(name: str, q: dict | None) -> str:
         extra.append(f"k-means weights {a['codebook_weights'].replace('g2', 'G²').replace('g', 'G')}")
     if a.get("nsamples", 128) != 128 or a.get("seqlen", 256) != 256:
         extra.append(f"calib {a['nsamples']}x{a['seqlen']}")
+    if a.get("finetune_steps"):
+        extra.append(f"fine-tune {a['finetune_steps']} steps")
     return f"{m} {bits}" + (f" ({', '.join(extra)})" if extra else "")
 
 
