@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality of every method on the default model (SmolLM2-135M-Instruct): the rows of docs/results.md.
 #
-#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|finetune|all]   (default: all; chains can run in parallel;
+#   benchmarks/run_quality.sh [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|finetune|finetune_piqa|all]   (default: all; chains can run in parallel;
 #                                                                   saliency needs 2bit's gptq2 and gradients)
 #
 # Environment: TACQ_DATA (default ../shared/data), RUNS (checkpoints, default runs/quality, git-ignored),
@@ -166,6 +166,12 @@ chain_finetune() {
       --finetune-steps 32 "${grad[@]}";                                             evaluate tacqclaq2_ft
 }
 
+# The same on PIQA-calibrated data (distilling on the PIQA calibration items): the PIQA-calibrated goal row.
+chain_finetune_piqa() {
+  quantize tacqclaq3_piqa_ft --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$PIQA" \
+      --finetune-steps 32 --grad-cache "$RUNS/grad_piqa_qwfp.safetensors";          evaluate tacqclaq3_piqa_ft
+}
+
 case "${1:-all}" in
   fp) chain_fp ;;
   2bit) chain_bits 2 ;;
@@ -180,7 +186,8 @@ case "${1:-all}" in
   long) chain_long ;;
   gptqlevers) chain_gptqlevers ;;
   finetune) chain_finetune ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers; chain_long; chain_gptqlevers; chain_finetune ;;
-  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|finetune|all]" >&2; exit 2 ;;
+  finetune_piqa) chain_finetune_piqa ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers; chain_long; chain_gptqlevers; chain_finetune; chain_finetune_piqa ;;
+  *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|finetune|finetune_piqa|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
