@@ -170,6 +170,8 @@ chain_finetune() {
 chain_finetune_piqa() {
   quantize tacqclaq3_piqa_ft --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$PIQA" \
       --finetune-steps 32 --grad-cache "$RUNS/grad_piqa_qwfp.safetensors";          evaluate tacqclaq3_piqa_ft
+  quantize tacqclaq2_piqa_ft --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$PIQA" \
+      --finetune-steps 32 --grad-cache "$RUNS/grad_piqa_qwfp.safetensors";          evaluate tacqclaq2_piqa_ft
 }
 
 case "${1:-all}" in
