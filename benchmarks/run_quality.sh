@@ -157,21 +157,16 @@ chain_gptqlevers() {
 }
 
 # The distillation fine-tune (docs/quantizer.md section 3.6) on the qwfp recipes: 32 steps of 4 windows, the
-# matmuls in bf16 where the CPU has it (auto). Same gradients as the qwfp rows.
+# matmuls in bf16 where the CPU has it (auto). Same gradients as the qwfp rows. With piqa: calibrated and
+# distilled on the PIQA calibration items (the PIQA-calibrated goal rows).
 chain_finetune() {
-  local grad=(--grad-cache "$RUNS/grad_wiki_qwfp.safetensors")
-  quantize tacqclaq3_ft --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$WIKI" \
-      --finetune-steps 32 "${grad[@]}";                                             evaluate tacqclaq3_ft
-  quantize tacqclaq2_ft --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$WIKI" \
-      --finetune-steps 32 "${grad[@]}";                                             evaluate tacqclaq2_ft
-}
-
-# The same on PIQA-calibrated data (distilling on the PIQA calibration items): the PIQA-calibrated goal row.
-chain_finetune_piqa() {
-  quantize tacqclaq3_piqa_ft --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$PIQA" \
-      --finetune-steps 32 --grad-cache "$RUNS/grad_piqa_qwfp.safetensors";          evaluate tacqclaq3_piqa_ft
-  quantize tacqclaq2_piqa_ft --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$PIQA" \
-      --finetune-steps 32 --grad-cache "$RUNS/grad_piqa_qwfp.safetensors";          evaluate tacqclaq2_piqa_ft
+  local c=${1:-wiki} data=$WIKI sfx=""
+  [[ $c == piqa ]] && { data=$PIQA; sfx="_piqa"; }
+  local grad=(--grad-cache "$RUNS/grad_${c}_qwfp.safetensors")
+  quantize "tacqclaq3${sfx}_ft" --method tacq --base claq --bits 3 --outlier-frac 0.0023 --calib "$data" \
+      --finetune-steps 32 "${grad[@]}";                                             evaluate "tacqclaq3${sfx}_ft"
+  quantize "tacqclaq2${sfx}_ft" --method tacq --base claq --bits 2 --outlier-frac 0.005 --calib "$data" \
+      --finetune-steps 32 "${grad[@]}";                                             evaluate "tacqclaq2${sfx}_ft"
 }
 
 case "${1:-all}" in
@@ -187,9 +182,9 @@ case "${1:-all}" in
   levers) chain_levers ;;
   long) chain_long ;;
   gptqlevers) chain_gptqlevers ;;
-  finetune) chain_finetune ;;
-  finetune_piqa) chain_finetune_piqa ;;
-  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers; chain_long; chain_gptqlevers; chain_finetune; chain_finetune_piqa ;;
+  finetune) chain_finetune wiki ;;
+  finetune_piqa) chain_finetune piqa ;;
+  all) chain_fp; chain_bits 2; chain_bits 3; chain_saliency; chain_groups; chain_tacqclaq wiki; chain_tacqclaq piqa; chain_calib; chain_qwfp; chain_levers; chain_long; chain_gptqlevers; chain_finetune wiki; chain_finetune piqa ;;
   *) echo "usage: $0 [fp|2bit|3bit|saliency|groups|tacqclaq|tacqclaq_piqa|calib|qwfp|levers|long|gptqlevers|finetune|finetune_piqa|all]" >&2; exit 2 ;;
 esac
 log "chain ${1:-all} finished"
